@@ -1,0 +1,30 @@
+# The two commands a newcomer needs: `make run` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+NODE_MODULES := tests/node_modules/.package-lock.json
+
+.PHONY: run test lint clean
+
+$(BIN)/.installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet '.[test]'
+	touch $@
+
+$(NODE_MODULES): tests/package.json tests/package-lock.json
+	npm ci --prefix tests --ignore-scripts --no-audit --no-fund --loglevel=error
+
+## Serve downloads against $$COUCHDB_URL, or a local seeded PouchDB Server.
+run: $(BIN)/.installed $(NODE_MODULES)
+	$(BIN)/python -m couchtoken.demo
+
+## Install everything and run the whole test suite.
+test: $(BIN)/.installed $(NODE_MODULES)
+	$(BIN)/python -m pytest tests
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check couchtoken tests twisted setup.py
+
+clean:
+	rm -rf $(VENV) tests/node_modules .pytest_cache

@@ -1,0 +1,265 @@
+"""The download route: check the token, then stream the attachment.
+
+``GET|HEAD /<db>/<docid>/<attachment>?token=<t>``.  Every failure that could
+tell an outsider something (wrong token, no token in the document, missing
+document or database) gets the same 403; only a valid token learns that an
+attachment is missing (404).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from klein import Klein
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.logger import Logger
+from twisted.web.iweb import IRequest, IResponse, UNKNOWN_LENGTH
+from werkzeug.exceptions import NotFound
+from werkzeug.http import parse_accept_header
+
+from couchtoken.attachments import AttachmentInfo, attachment_stub
+from couchtoken.conditional import UNSATISFIABLE, choose_range, none_match
+from couchtoken.couchdb import CouchDBClient, UpstreamError
+from couchtoken.names import AttachmentPath, BadPath, parse_download_path
+from couchtoken.relay import relay_body
+from couchtoken.tokens import document_token, token_matches
+
+ALLOWED_METHODS = b"GET, HEAD, OPTIONS"
+ALLOWED_REQUEST_HEADERS = b"Range, If-None-Match, If-Range"
+EXPOSED_HEADERS = b"Content-Length, Content-Range, Content-Encoding, ETag, Accept-Ranges"
+
+_COMMON_HEADERS = (
+    (b"access-control-allow-origin", b"*"),
+    (b"access-control-expose-headers", EXPOSED_HEADERS),
+    (b"x-content-type-options", b"nosniff"),
+)
+_FORBIDDEN = {"error": "forbidden", "reason": "invalid or missing download token"}
+
+
+class HTTPAnswer(Exception):
+    """A finished answer (status and JSON body) raised from deep in a request."""
+
+    def __init__(self, status: int, error: str, reason: str, **headers: bytes) -> None:
+        super().__init__(f"{status} {error}")
+        self.status = status
+        self.body = {"error": error, "reason": reason}
+        self.headers = headers
+
+
+def _forbidden() -> HTTPAnswer:
+    return HTTPAnswer(403, _FORBIDDEN["error"], _FORBIDDEN["reason"])
+
+
+def _single_arg(request: IRequest, name: bytes) -> bytes | None:
+    values = request.args.get(name)
+    if not values:
+        return None
+    if len(values) > 1:
+        raise HTTPAnswer(400, "bad_request", f"'{name.decode()}' must be given once")
+    return values[0]
+
+
+def _accepts_gzip(request: IRequest) -> bool:
+    header = request.getHeader(b"accept-encoding")
+    if not header:
+        return False
+    accept = parse_accept_header(header.decode("latin-1"))
+    return accept["gzip"] > 0
+
+
+class DownloadApp:
+    """Klein routes of the public download port."""
+
+    app = Klein()
+    # Keep "//" and friends away from werkzeug's redirecting slash merge:
+    # malformed paths must get a 400, not a redirect.
+    app.url_map.merge_slashes = False
+
+    def __init__(self, couchdb: CouchDBClient, token_field: tuple[str, ...]) -> None:
+        self._couchdb = couchdb
+        self._token_field = token_field
+        self._log = Logger()
+
+    def resource(self) -> Any:
+        return self.app.resource()
+
+    @app.handle_errors(NotFound)
+    def _unroutable(self, request: IRequest, failure: Any) -> bytes:
+        return self._answer(request, HTTPAnswer(400, "bad_request", "malformed path"))
+
+    @app.route("/", branch=True, strict_slashes=False)
+    async def download(self, request: IRequest) -> bytes | None:
+        for name, value in _COMMON_HEADERS:
+            request.setHeader(name, value)
+        try:
+            return await self._download(request)
+        except HTTPAnswer as answer:
+            return self._answer(request, answer)
+        except UpstreamError as exc:
+            self._log.warn(
+                "CouchDB failed ({kind}): {detail}", kind=exc.kind, detail=exc.detail
+            )
+            error = "gateway_timeout" if exc.status == 504 else "bad_gateway"
+            return self._answer(request, HTTPAnswer(exc.status, error, "CouchDB is unavailable"))
+        except CancelledError:
+            raise
+        except Exception:
+            self._log.failure("Unexpected error while serving a download")
+            if request.startedWriting:
+                # Too late for an error status: break the response off.
+                request.transport.abortConnection()
+                return await Deferred()  # cancelled when the connection is gone
+            return self._answer(request, HTTPAnswer(500, "internal_error", "internal error"))
+
+    def _answer(self, request: IRequest, answer: HTTPAnswer) -> bytes:
+        body = json.dumps(answer.body, separators=(",", ":")).encode("ascii")
+        request.setResponseCode(answer.status)
+        for name, value in _COMMON_HEADERS:
+            request.setHeader(name, value)
+        for name, value in answer.headers.items():
+            request.setHeader(name.replace("_", "-"), value)
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"cache-control", b"no-store")
+        request.setHeader(b"content-length", b"%d" % len(body))
+        return body
+
+    async def _download(self, request: IRequest) -> bytes | None:
+        method = request.method
+        if method == b"OPTIONS":
+            return self._preflight(request)
+        if method not in (b"GET", b"HEAD"):
+            raise HTTPAnswer(405, "method_not_allowed", "only GET and HEAD", allow=ALLOWED_METHODS)
+        try:
+            target = parse_download_path(request.path)
+        except BadPath as bad:
+            raise HTTPAnswer(bad.status, "bad_request" if bad.status == 400 else "forbidden", bad.reason) from None
+        offered = _single_arg(request, b"token")
+        if not offered:
+            raise _forbidden()
+        document = await self._couchdb.fetch_document(target.db, target.docid)
+        if document is None or not token_matches(document_token(document, self._token_field), offered):
+            raise _forbidden()
+        stub = attachment_stub(document, target.attachment)
+        if stub is None:
+            raise HTTPAnswer(404, "not_found", "no such attachment")
+        info = AttachmentInfo.from_stub(stub)
+        rev = document.get("_rev") if isinstance(document.get("_rev"), str) else None
+        return await self._serve(request, target, info, rev)
+
+    def _preflight(self, request: IRequest) -> bytes:
+        request.setResponseCode(204)
+        request.setHeader(b"access-control-allow-methods", ALLOWED_METHODS)
+        request.setHeader(b"access-control-allow-headers", ALLOWED_REQUEST_HEADERS)
+        request.setHeader(b"access-control-max-age", b"86400")
+        return b""
+
+    def _success_headers(self, request: IRequest, info: AttachmentInfo, etag: str | None) -> None:
+        request.setHeader(b"content-type", info.content_type)
+        request.setHeader(b"accept-ranges", b"bytes")
+        request.setHeader(b"cache-control", b"private, no-cache")
+        request.setHeader(b"vary", b"Accept-Encoding")
+        if etag:
+            request.setHeader(b"etag", etag.encode("ascii"))
+
+    async def _serve(
+        self, request: IRequest, target: AttachmentPath, info: AttachmentInfo, rev: str | None
+    ) -> bytes | None:
+        etag = info.etag
+        if etag and none_match(request.getHeader(b"if-none-match"), etag):
+            request.setResponseCode(304)
+            self._success_headers(request, info, etag)
+            request.responseHeaders.removeHeader(b"content-type")
+            return b""
+        window = choose_range(
+            request.getHeader(b"range"),
+            info.length,
+            if_range=request.getHeader(b"if-range"),
+            etag=etag,
+        )
+        if window is UNSATISFIABLE:
+            raise HTTPAnswer(
+                416, "range_not_satisfiable", "range not satisfiable",
+                content_range=b"bytes */%d" % info.length,
+            )
+        accept_gzip = window is None and _accepts_gzip(request)
+        if request.method == b"HEAD":
+            self._success_headers(request, info, etag)
+            self._length_headers(request, info, window, accept_gzip)
+            return b""
+        response = await self._couchdb.open_attachment(
+            target, rev, byte_range=window, accept_gzip=accept_gzip
+        )
+        return await self._relay(request, response, info, window, etag)
+
+    def _length_headers(
+        self,
+        request: IRequest,
+        info: AttachmentInfo,
+        window: tuple[int, int] | None,
+        accept_gzip: bool,
+    ) -> None:
+        """Headers a HEAD answer takes from the stub alone."""
+        if window is not None:
+            start, stop = window
+            request.setResponseCode(206)
+            request.setHeader(b"content-range", b"bytes %d-%d/%d" % (start, stop - 1, info.length))
+            request.setHeader(b"content-length", b"%d" % (stop - start))
+        elif accept_gzip and info.encoding == "gzip" and info.encoded_length is not None:
+            request.setHeader(b"content-encoding", b"gzip")
+            request.setHeader(b"content-length", b"%d" % info.encoded_length)
+        elif info.length is not None:
+            request.setHeader(b"content-length", b"%d" % info.length)
+
+    async def _relay(
+        self,
+        request: IRequest,
+        response: IResponse,
+        info: AttachmentInfo,
+        window: tuple[int, int] | None,
+        etag: str | None,
+    ) -> bytes | None:
+        upstream_etag = response.headers.getRawHeaders(b"etag", [None])[0]
+        encoding = response.headers.getRawHeaders(b"content-encoding", [None])[0]
+        if response.code == 404:
+            await self._couchdb.discard(response)
+            raise HTTPAnswer(404, "not_found", "no such attachment")
+        if response.code not in (200, 206) or (response.code == 206 and window is None):
+            await self._couchdb.discard(response)
+            raise UpstreamError("status", f"CouchDB answered {response.code} for an attachment")
+        self._success_headers(request, info, upstream_etag.decode("latin-1") if upstream_etag else etag)
+        skip, limit = 0, None
+        if window is not None:
+            start, stop = window
+            if encoding not in (None, b"identity"):
+                response.deliverBody(_Discard())
+                raise UpstreamError("protocol", "CouchDB compressed a ranged attachment")
+            if response.code == 206:
+                expected = b"bytes %d-%d/%d" % (start, stop - 1, info.length)
+                got = response.headers.getRawHeaders(b"content-range", [b""])[0]
+                if got != expected:
+                    response.deliverBody(_Discard())
+                    raise UpstreamError("protocol", "CouchDB answered another range than asked")
+            else:
+                skip, limit = start, stop - start
+            self._length_headers(request, info, window, False)
+        else:
+            if encoding is not None:
+                request.setHeader(b"content-encoding", encoding)
+            if response.length is not UNKNOWN_LENGTH:
+                request.setHeader(b"content-length", b"%d" % response.length)
+        await relay_body(response, request, skip, limit)
+        return None
+
+
+class _Discard:
+    """A body protocol that stops the transfer at once."""
+
+    def makeConnection(self, transport: Any) -> None:
+        transport.stopProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        pass
+
+    def connectionLost(self, reason: Any) -> None:
+        pass

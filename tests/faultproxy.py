@@ -1,0 +1,186 @@
+"""A fake: a TCP proxy that records what reaches CouchDB and injects network faults.
+
+It sits between the service and the real CouchDB-compatible server.  It is
+only for what a real server cannot do on demand (a connection reset, a stall,
+a body cut in half, garbage instead of HTTP); everything else the tests check
+against the real server behind it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+from twisted.internet import protocol
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
+
+
+@attrs.define
+class RecordedRequest:
+    method: str
+    target: str
+    headers: dict[str, str]
+    connection: int
+
+
+@attrs.define
+class Fault:
+    """What to do to requests whose target ``matches``.
+
+    kinds: ``garbage`` (answer bytes that are not HTTP), ``stall`` (never
+    answer), ``reset`` (drop the connection), ``cut`` (forward, then drop
+    the connection after ``after`` bytes of the response).
+    """
+
+    kind: str
+    matches: Callable[[str], bool] = lambda target: True
+    after: int = 0
+
+
+class _ToUpstream(protocol.Protocol):
+    def __init__(self, downstream: _FromService) -> None:
+        self.downstream = downstream
+
+    def connectionMade(self) -> None:
+        self.downstream.upstream_connected(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.downstream.from_upstream(data)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.downstream.upstream_lost()
+
+
+class _FromService(protocol.Protocol):
+    def __init__(self, proxy: FaultProxy, number: int) -> None:
+        self.proxy = proxy
+        self.number = number
+        self.upstream: _ToUpstream | None = None
+        self.pending: list[bytes] = []
+        self.parse_buffer = b""
+        self.open = True
+        self.closed: Deferred[None] = Deferred()
+        self.cut_remaining: int | None = None
+        self.swallow = False
+
+    def connectionMade(self) -> None:
+        self.proxy.connections.append(self)
+        endpoint = TCP4ClientEndpoint(self.proxy.reactor, self.proxy.upstream_host, self.proxy.upstream_port)
+        connectProtocol(endpoint, _ToUpstream(self)).addErrback(lambda _: self.transport.abortConnection())
+
+    def dataReceived(self, data: bytes) -> None:
+        self.parse_buffer += data
+        while b"\r\n\r\n" in self.parse_buffer:
+            head, self.parse_buffer = self.parse_buffer.split(b"\r\n\r\n", 1)
+            lines = head.decode("latin-1").split("\r\n")
+            method, target, _ = (lines[0].split(" ", 2) + ["", ""])[:3]
+            headers = {}
+            for line in lines[1:]:
+                name, _, value = line.partition(":")
+                headers[name.strip().lower()] = value.strip()
+            self.proxy.requests.append(RecordedRequest(method, target, headers, self.number))
+            fault = self.proxy.fault
+            if fault is not None and fault.matches(target):
+                self.apply(fault)
+        if self.swallow:
+            return
+        if self.upstream is None:
+            self.pending.append(data)
+        else:
+            self.upstream.transport.write(data)
+
+    def apply(self, fault: Fault) -> None:
+        if fault.kind == "garbage":
+            self.swallow = True
+            self.transport.write(b"THIS IS NOT HTTP\r\n\r\n")
+            self.transport.loseConnection()
+        elif fault.kind == "stall":
+            self.swallow = True
+        elif fault.kind == "reset":
+            self.swallow = True
+            self.transport.abortConnection()
+        elif fault.kind == "cut":
+            self.cut_remaining = fault.after
+
+    def upstream_connected(self, upstream: _ToUpstream) -> None:
+        self.upstream = upstream
+        if not self.open:
+            upstream.transport.loseConnection()
+            return
+        for data in self.pending:
+            upstream.transport.write(data)
+        self.pending = []
+
+    def from_upstream(self, data: bytes) -> None:
+        if self.swallow:
+            return
+        if self.cut_remaining is not None:
+            data = data[: self.cut_remaining]
+            self.cut_remaining -= len(data)
+            self.transport.write(data)
+            if self.cut_remaining == 0:
+                self.swallow = True
+                self.transport.abortConnection()
+                if self.upstream is not None:
+                    self.upstream.transport.abortConnection()
+            return
+        self.transport.write(data)
+
+    def upstream_lost(self) -> None:
+        if self.open and not self.swallow:
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.open = False
+        if self.upstream is not None:
+            self.upstream.transport.loseConnection()
+        self.closed.callback(None)
+
+
+class _Factory(protocol.Factory):
+    noisy = False
+
+    def __init__(self, proxy: FaultProxy) -> None:
+        self.proxy = proxy
+        self.count = 0
+
+    def buildProtocol(self, addr: Any) -> _FromService:
+        self.count += 1
+        return _FromService(self.proxy, self.count)
+
+
+class FaultProxy:
+    """Listen on a loopback port and forward to ``upstream_host:upstream_port``."""
+
+    def __init__(self, reactor: Any, upstream_host: str, upstream_port: int) -> None:
+        self.reactor = reactor
+        self.upstream_host = upstream_host
+        self.upstream_port = upstream_port
+        self.requests: list[RecordedRequest] = []
+        self.connections: list[_FromService] = []
+        self.fault: Fault | None = None
+        self._port: Any = None
+
+    async def start(self) -> int:
+        endpoint = TCP4ServerEndpoint(self.reactor, 0, interface="127.0.0.1")
+        self._port = await endpoint.listen(_Factory(self))
+        return self._port.getHost().port
+
+    @property
+    def url_host(self) -> str:
+        return f"127.0.0.1:{self._port.getHost().port}"
+
+    async def stop(self) -> None:
+        if self._port is not None:
+            await self._port.stopListening()
+        for connection in self.connections:
+            if connection.open:
+                connection.transport.abortConnection()
+
+    def targets(self) -> list[str]:
+        return [f"{r.method} {r.target}" for r in self.requests]
+
+    def open_connections(self) -> list[_FromService]:
+        return [c for c in self.connections if c.open]

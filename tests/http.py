@@ -1,0 +1,58 @@
+"""A test HTTP client that shows bytes exactly as the service sent them."""
+
+from __future__ import annotations
+
+from urllib.parse import quote, urlencode
+
+import attrs
+import treq
+from twisted.internet import reactor
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH
+
+_pool = HTTPConnectionPool(reactor, persistent=False)
+_agent = Agent(reactor, pool=_pool)
+
+
+def service_url(
+    base: str, db: str, docid: str, attachment: str, token: str | None = None, **query: str
+) -> str:
+    """``/<db>/<docid>/<attachment>`` with the db and doc id as one segment each."""
+    path = "/".join(
+        [quote(db, safe=""), quote(docid, safe="")]
+        + [quote(part, safe="") for part in attachment.split("/")]
+    )
+    params = dict(query)
+    if token is not None:
+        params = {"token": token, **params}
+    suffix = "?" + urlencode(params) if params else ""
+    return f"{base}/{path}{suffix}"
+
+
+@attrs.frozen
+class Reply:
+    status: int
+    headers: Headers
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        values = self.headers.getRawHeaders(name.encode())
+        return values[0].decode("latin-1") if values else None
+
+    def json(self) -> object:
+        import json
+
+        return json.loads(self.body)
+
+
+async def fetch(url: str, method: str = "GET", headers: dict[str, str] | None = None) -> Reply:
+    """One request, no decoding, no redirects; raises if the body breaks off."""
+    raw = Headers({k.encode(): [v.encode()] for k, v in (headers or {}).items()})
+    response = await _agent.request(method.encode(), url.encode("ascii"), raw)
+    body = await treq.content(response)
+    headers = response.headers.copy()
+    # Twisted's client moves Content-Length out of the headers into .length.
+    if response.length is not UNKNOWN_LENGTH and method != "HEAD":
+        headers.setRawHeaders(b"content-length", [b"%d" % response.length])
+    return Reply(response.code, headers, body)

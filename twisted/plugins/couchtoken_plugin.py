@@ -1,0 +1,8 @@
+from twisted.application.service import ServiceMaker
+
+couchtoken = ServiceMaker(
+    "couchtoken",
+    "couchtoken.tap",
+    "Token-guarded download links for CouchDB attachments.",
+    "couchtoken",
+)

@@ -31,12 +31,14 @@ class Fault:
 
     kinds: ``garbage`` (answer bytes that are not HTTP), ``stall`` (never
     answer), ``reset`` (drop the connection), ``cut`` (forward, then drop
-    the connection after ``after`` bytes of the response).
+    the connection after ``after`` bytes of the response), ``inject`` (add
+    raw ``headers`` lines to the response).
     """
 
     kind: str
     matches: Callable[[str], bool] = lambda target: True
     after: int = 0
+    headers: bytes = b""
 
 
 class _ToUpstream(protocol.Protocol):
@@ -64,6 +66,7 @@ class _FromService(protocol.Protocol):
         self.closed: Deferred[None] = Deferred()
         self.cut_remaining: int | None = None
         self.swallow = False
+        self.inject = b""
 
     def connectionMade(self) -> None:
         self.proxy.connections.append(self)
@@ -103,6 +106,8 @@ class _FromService(protocol.Protocol):
             self.transport.abortConnection()
         elif fault.kind == "cut":
             self.cut_remaining = fault.after
+        elif fault.kind == "inject":
+            self.inject = fault.headers
 
     def upstream_connected(self, upstream: _ToUpstream) -> None:
         self.upstream = upstream
@@ -116,13 +121,18 @@ class _FromService(protocol.Protocol):
     def from_upstream(self, data: bytes) -> None:
         if self.swallow:
             return
+        if self.inject and b"\r\n" in data:
+            status_line, rest = data.split(b"\r\n", 1)
+            data = status_line + b"\r\n" + self.inject + rest
+            self.inject = b""
         if self.cut_remaining is not None:
             data = data[: self.cut_remaining]
             self.cut_remaining -= len(data)
             self.transport.write(data)
             if self.cut_remaining == 0:
                 self.swallow = True
-                self.transport.abortConnection()
+                # A FIN after the bytes, not a reset: a reset would discard them in flight.
+                self.transport.loseConnection()
                 if self.upstream is not None:
                     self.upstream.transport.abortConnection()
             return

@@ -1,0 +1,141 @@
+"""CouchDB unreachable, slow or broken: 502/504 quickly, and recovery by itself.
+
+Faults a real server cannot produce on demand come from the FaultProxy fake.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+from twisted.logger import globalLogPublisher
+from twisted.web.client import ResponseFailed
+
+from couchtoken.devserver import free_port
+from tests.faultproxy import Fault
+from tests.http import fetch
+
+TOKEN = "tok"
+
+
+@pytest.fixture
+def doc(admin, db):
+    admin.put(db, "doc", {"download_token": TOKEN})
+    admin.put_attachment(db, "doc", "file.txt", b"x" * 300_000, "application/octet-stream")
+    return "doc"
+
+
+@pytest.fixture
+def logged():
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    yield events
+    globalLogPublisher.removeObserver(events.append)
+
+
+@pytest_twisted.ensureDeferred
+async def test_couchdb_refusing_connections_is_a_quick_502(start_service, db):
+    service = await start_service(couchdb_url=f"http://admin:pw@127.0.0.1:{free_port()}")
+    started = time.monotonic()
+    reply = await service.get(service.url(db, "doc", "file.txt", TOKEN))
+    assert reply.status == 502
+    assert reply.json()["error"] == "bad_gateway"
+    assert time.monotonic() - started < 2
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("kind", ["garbage", "reset"])
+async def test_garbage_or_a_dropped_connection_is_502_then_recovers(service, db, doc, kind):
+    service.proxy.fault = Fault(kind)
+    reply = await service.get(service.url(db, doc, "file.txt", TOKEN))
+    assert reply.status == 502
+    service.proxy.fault = None
+    reply = await service.get(service.url(db, doc, "file.txt", TOKEN))
+    assert (reply.status, len(reply.body)) == (200, 300_000)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_unanswered_request_is_504_after_the_response_timeout(start_service, db, doc):
+    service = await start_service(response_timeout=0.5)
+    service.proxy.fault = Fault("stall")
+    started = time.monotonic()
+    reply = await service.get(service.url(db, doc, "file.txt", TOKEN))
+    assert reply.status == 504
+    assert reply.json()["error"] == "gateway_timeout"
+    assert 0.4 < time.monotonic() - started < 3
+    service.proxy.fault = None
+    assert (await service.get(service.url(db, doc, "file.txt", TOKEN))).status == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stalled_attachment_request_is_504_too(start_service, db, doc):
+    service = await start_service(response_timeout=0.5)
+    service.proxy.fault = Fault("stall", matches=lambda target: "file.txt" in target)
+    reply = await service.get(service.url(db, doc, "file.txt", TOKEN))
+    assert reply.status == 504
+
+
+@pytest.fixture
+def unaccepting_port():
+    """A loopback port whose accept queue is full: new connections hang in SYN."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(8):
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(("127.0.0.1", port))
+        fillers.append(filler)
+    time.sleep(0.2)
+    yield port
+    for filler in fillers:
+        filler.close()
+    listener.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_connection_that_never_completes_is_504_after_the_connect_timeout(
+    start_service, db, unaccepting_port
+):
+    service = await start_service(couchdb_url=f"http://127.0.0.1:{unaccepting_port}", connect_timeout=0.5)
+    started = time.monotonic()
+    reply = await service.get(service.url(db, "doc", "file.txt", TOKEN))
+    assert reply.status == 504
+    assert time.monotonic() - started < 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_wrong_admin_credentials_are_a_502_with_a_clear_log_line(start_service, couch_server, db, doc, logged):
+    from couchtoken.devserver import CouchAdmin
+
+    admin = CouchAdmin(couch_server.url)
+    service = await start_service(couchdb_url=f"http://{admin.user}:not-the-password@{admin.host}:{admin.port}")
+    reply = await service.get(service.url(db, doc, "file.txt", TOKEN))
+    assert reply.status == 502
+    messages = [e.get("log_format", "") for e in logged]
+    assert any("CouchDB failed" in m for m in messages)
+    assert any(e.get("kind") == "unauthorized" for e in logged)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_upstream_dying_mid_body_aborts_the_client_response(service, db, doc):
+    service.proxy.fault = Fault("cut", matches=lambda target: "file.txt" in target, after=100_000)
+    with pytest.raises(ResponseFailed):
+        await fetch(service.url(db, doc, "file.txt", TOKEN))
+    service.proxy.fault = None
+    reply = await fetch(service.url(db, doc, "file.txt", TOKEN))
+    assert (reply.status, len(reply.body)) == (200, 300_000)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_upstream_dying_mid_range_aborts_the_client_response(service, db, doc):
+    service.proxy.fault = Fault("cut", matches=lambda target: "file.txt" in target, after=50_000)
+    with pytest.raises(ResponseFailed):
+        await fetch(service.url(db, doc, "file.txt", TOKEN), headers={"Range": "bytes=1000-250000"})
+    await deferLater(reactor, 0.1)

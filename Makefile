@@ -25,6 +25,7 @@ test: $(BIN)/.installed $(NODE_MODULES)
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check couchtoken tests twisted setup.py
+	$(BIN)/ruff format --check couchtoken tests twisted setup.py
 
 clean:
 	rm -rf $(VENV) tests/node_modules .pytest_cache

@@ -14,7 +14,7 @@ from typing import Any
 from klein import Klein
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
-from twisted.web.iweb import IRequest, IResponse, UNKNOWN_LENGTH
+from twisted.web.iweb import UNKNOWN_LENGTH, IRequest, IResponse
 from werkzeug.exceptions import NotFound
 from werkzeug.http import parse_accept_header
 
@@ -97,9 +97,7 @@ class DownloadApp:
         except HTTPAnswer as answer:
             return self._answer(request, answer)
         except UpstreamError as exc:
-            self._log.warn(
-                "CouchDB failed ({kind}): {detail}", kind=exc.kind, detail=exc.detail
-            )
+            self._log.warn("CouchDB failed ({kind}): {detail}", kind=exc.kind, detail=exc.detail)
             error = "gateway_timeout" if exc.status == 504 else "bad_gateway"
             return self._answer(request, HTTPAnswer(exc.status, error, "CouchDB is unavailable"))
         except CancelledError:
@@ -133,7 +131,9 @@ class DownloadApp:
         try:
             target = parse_download_path(request.path)
         except BadPath as bad:
-            raise HTTPAnswer(bad.status, "bad_request" if bad.status == 400 else "forbidden", bad.reason) from None
+            raise HTTPAnswer(
+                bad.status, "bad_request" if bad.status == 400 else "forbidden", bad.reason
+            ) from None
         offered = _single_arg(request, b"token")
         if not offered:
             raise _forbidden()
@@ -179,7 +179,9 @@ class DownloadApp:
         )
         if window is UNSATISFIABLE:
             raise HTTPAnswer(
-                416, "range_not_satisfiable", "range not satisfiable",
+                416,
+                "range_not_satisfiable",
+                "range not satisfiable",
                 content_range=b"bytes */%d" % info.length,
             )
         accept_gzip = window is None and _accepts_gzip(request)

@@ -43,7 +43,7 @@ class CouchDBServer:
         if parts.username is not None:
             user = unquote(parts.username)
             password = unquote(parts.password or "")
-            pair = f"{user}:{password}".encode("utf-8")
+            pair = f"{user}:{password}".encode()
             authorization = b"Basic " + base64.b64encode(pair)
         host = parts.hostname
         if ":" in host:  # IPv6 literal

@@ -105,9 +105,7 @@ class CouchAdmin:
         path = self.doc_path(db, docid) + "/" + "/".join(quote(p, safe="") for p in name.split("/"))
         if current is not None:
             path += "?rev=" + quote(current["_rev"], safe="")
-        status, _, raw = self.request(
-            "PUT", path, data, {"Content-Type": content_type}, timeout=600
-        )
+        status, _, raw = self.request("PUT", path, data, {"Content-Type": content_type}, timeout=600)
         if status >= 400:
             raise RuntimeError(f"attachment PUT -> {status} {raw[:200]!r}")
         return json.loads(raw)["rev"]
@@ -154,10 +152,23 @@ class PouchDBServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.data_dir / "server.out", "ab")  # noqa: SIM115 - handed to the child
         self._process = subprocess.Popen(
-            [node, str(self._script), "--host", "127.0.0.1", "--port", str(self.port),
-             "--dir", str(self.data_dir), "--config", str(self.data_dir / "config.json"),
-             "--no-stdout-logs"],
-            cwd=self.data_dir, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            [
+                node,
+                str(self._script),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--dir",
+                str(self.data_dir),
+                "--config",
+                str(self.data_dir / "config.json"),
+                "--no-stdout-logs",
+            ],
+            cwd=self.data_dir,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
         )
         log.close()
         anonymous = CouchAdmin(f"http://127.0.0.1:{self.port}")

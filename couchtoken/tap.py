@@ -16,8 +16,8 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 
-from couchtoken.app import DownloadApp
 from couchtoken.accesslog import DownloadSite
+from couchtoken.app import DownloadApp
 from couchtoken.config import (
     DEFAULT_COUCHDB_URL,
     DEFAULT_TOKEN_FIELD,

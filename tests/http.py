@@ -20,8 +20,7 @@ def service_url(
 ) -> str:
     """``/<db>/<docid>/<attachment>`` with the db and doc id as one segment each."""
     path = "/".join(
-        [quote(db, safe=""), quote(docid, safe="")]
-        + [quote(part, safe="") for part in attachment.split("/")]
+        [quote(db, safe=""), quote(docid, safe="")] + [quote(part, safe="") for part in attachment.split("/")]
     )
     params = dict(query)
     if token is not None:

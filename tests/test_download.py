@@ -31,7 +31,8 @@ async def test_matching_token_streams_the_attachment_with_its_headers(service, d
     assert reply.header("content-type") == "text/plain"
     assert reply.header("content-length") == str(len(BODY))
     stub = admin.get(db, doc)["_attachments"]["file.txt"]
-    assert reply.header("etag") == '"%s"' % stub["digest"].removeprefix("md5-")
+    digest = stub["digest"].removeprefix("md5-")
+    assert reply.header("etag") == f'"{digest}"'
     assert reply.header("accept-ranges") == "bytes"
     assert reply.header("access-control-allow-origin") == "*"
     exposed = {h.strip().lower() for h in reply.header("access-control-expose-headers").split(",")}
@@ -70,8 +71,15 @@ async def test_wrong_missing_or_empty_token_is_403(service, db, doc, query):
 @pytest_twisted.ensureDeferred
 @pytest.mark.parametrize(
     "fields",
-    [{}, {"download_token": None}, {"download_token": ""}, {"download_token": 123},
-     {"download_token": {"a": 1}}, {"download_token": [TOKEN]}, {"download_token": True}],
+    [
+        {},
+        {"download_token": None},
+        {"download_token": ""},
+        {"download_token": 123},
+        {"download_token": {"a": 1}},
+        {"download_token": [TOKEN]},
+        {"download_token": True},
+    ],
     ids=["absent", "null", "empty", "number", "object", "list", "bool"],
 )
 async def test_document_without_a_usable_token_is_403(service, admin, db, fields):
@@ -136,8 +144,14 @@ def ranged(admin: CouchAdmin, db: str) -> str:
 @pytest_twisted.ensureDeferred
 @pytest.mark.parametrize(
     "header,start,stop",
-    [("bytes=0-0", 0, 1), ("bytes=100-199", 100, 200), ("bytes=10000-", 10000, 10240),
-     ("bytes=-40", 10200, 10240), ("bytes=10200-99999", 10200, 10240), ("bytes=-99999", 0, 10240)],
+    [
+        ("bytes=0-0", 0, 1),
+        ("bytes=100-199", 100, 200),
+        ("bytes=10000-", 10000, 10240),
+        ("bytes=-40", 10200, 10240),
+        ("bytes=10200-99999", 10200, 10240),
+        ("bytes=-99999", 0, 10240),
+    ],
 )
 async def test_single_range_is_206_with_the_exact_bytes(service, db, ranged, header, start, stop):
     for method in ("GET", "HEAD"):
@@ -204,8 +218,11 @@ async def test_cors_preflight(service, db, doc):
     reply = await service.get(
         service.url(db, doc, "file.txt"),
         "OPTIONS",
-        {"Origin": "https://app.example", "Access-Control-Request-Method": "GET",
-         "Access-Control-Request-Headers": "range, if-none-match"},
+        {
+            "Origin": "https://app.example",
+            "Access-Control-Request-Method": "GET",
+            "Access-Control-Request-Headers": "range, if-none-match",
+        },
     )
     assert reply.status == 204
     assert reply.header("access-control-allow-origin") == "*"

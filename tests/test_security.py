@@ -72,7 +72,9 @@ HOSTILE_TARGETS = [
 async def test_malformed_or_forbidden_paths_never_reach_couchdb(service, admin, db, target):
     admin.put(db, "doc", {"download_token": TOKEN})
     port = int(service.base_url.rsplit(":", 1)[1])
-    raw = await threads.deferToThread(_raw_request, port, b"GET " + target + b"?token=" + TOKEN.encode() + b" HTTP/1.1")
+    raw = await threads.deferToThread(
+        _raw_request, port, b"GET " + target + b"?token=" + TOKEN.encode() + b" HTTP/1.1"
+    )
     assert _status(raw) in (400, 403), raw[:300]
     assert b"Traceback" not in raw
     assert service.couchdb_targets() == []
@@ -106,8 +108,11 @@ async def test_client_credentials_never_reach_couchdb(service, admin, db):
     admin.put_attachment(db, "doc", "file.txt", b"x")
     reply = await service.get(
         service.url(db, "doc", "file.txt", TOKEN),
-        headers={"Authorization": "Basic bWFsbG9yeTpldmls", "Cookie": "AuthSession=stolen",
-                 "X-Forwarded-For": "1.2.3.4"},
+        headers={
+            "Authorization": "Basic bWFsbG9yeTpldmls",
+            "Cookie": "AuthSession=stolen",
+            "X-Forwarded-For": "1.2.3.4",
+        },
     )
     assert reply.status == 200
     seen = service.proxy.requests

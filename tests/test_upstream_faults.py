@@ -111,11 +111,15 @@ async def test_a_connection_that_never_completes_is_504_after_the_connect_timeou
 
 
 @pytest_twisted.ensureDeferred
-async def test_wrong_admin_credentials_are_a_502_with_a_clear_log_line(start_service, couch_server, db, doc, logged):
+async def test_wrong_admin_credentials_are_a_502_with_a_clear_log_line(
+    start_service, couch_server, db, doc, logged
+):
     from couchtoken.devserver import CouchAdmin
 
     admin = CouchAdmin(couch_server.url)
-    service = await start_service(couchdb_url=f"http://{admin.user}:not-the-password@{admin.host}:{admin.port}")
+    service = await start_service(
+        couchdb_url=f"http://{admin.user}:not-the-password@{admin.host}:{admin.port}"
+    )
     reply = await service.get(service.url(db, doc, "file.txt", TOKEN))
     assert reply.status == 502
     messages = [e.get("log_format", "") for e in logged]

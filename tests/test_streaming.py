@@ -1,0 +1,118 @@
+"""Streaming with backpressure: flat memory for slow clients, released upstreams, aborted failures."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor, threads
+from twisted.internet.task import deferLater
+from twisted.web.client import ResponseFailed
+
+from tests.faultproxy import Fault
+from tests.http import fetch
+from tests.twistproc import TwistProcess, rss_bytes
+
+TOKEN = "tok"
+BIG = 64 * 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def big_attachment(admin):
+    """A database with one 64 MiB attachment (storing it takes PouchDB a while: once per module)."""
+    name = f"ct-big-{os.getpid()}"
+    admin.create_db(name)
+    admin.put(name, "movie", {"download_token": TOKEN})
+    admin.put_attachment(name, "movie", "movie.bin", os.urandom(BIG), "video/mp4")
+    yield name
+    admin.delete_db(name)
+
+
+def _start_download(port: int, path: str, rcvbuf: int = 65536) -> socket.socket:
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    return sock
+
+
+def _read_slowly(sock: socket.socket, rate: int, seconds: float) -> int:
+    """Read at about ``rate`` bytes per second for ``seconds``; returns bytes read."""
+    got = 0
+    step = 0.05
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        got += len(sock.recv(int(rate * step)))
+        time.sleep(step)
+    return got
+
+
+@pytest.mark.slow
+def test_a_slow_client_keeps_the_service_memory_flat(big_attachment, couch_server, tmp_path, capsys):
+    service = TwistProcess(tmp_path / "twist.log", env={"COUCHDB_URL": couch_server.url})
+    service.start()
+    try:
+        path = f"/{big_attachment}/movie/movie.bin?token={TOKEN}"
+        warm = _start_download(service.port, path)  # warm up imports, pools and buffers
+        warm.close()
+        time.sleep(0.5)
+        before = rss_bytes(service.process.pid)
+        sock = _start_download(service.port, path)
+        read = _read_slowly(sock, rate=100_000, seconds=6)
+        after = rss_bytes(service.process.pid)
+        sock.close()
+    finally:
+        service.stop()
+    growth = after - before
+    with capsys.disabled():
+        print(
+            f"\n[memory] slow client read {read / 1e3:.0f} kB of a 64 MiB attachment in 6 s; "
+            f"service RSS {before / 2**20:.1f} -> {after / 2**20:.1f} MiB (growth {growth / 2**20:.2f} MiB)"
+        )
+    assert read > 300_000
+    assert growth < 16 * 2**20
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_that_goes_away_releases_the_upstream_connection(service, big_attachment):
+    port = int(service.base_url.rsplit(":", 1)[1])
+    path = f"/{big_attachment}/movie/movie.bin?token={TOKEN}"
+    sock = await threads.deferToThread(_start_download, port, path)
+    await threads.deferToThread(sock.recv, 65536)
+    carrying = [r.connection for r in service.proxy.requests if "movie.bin" in r.target]
+    assert len(carrying) == 1
+    connection = service.proxy.connections[carrying[0] - 1]
+    assert connection.open
+    sock.close()
+    deadline = time.monotonic() + 2
+    while connection.open and time.monotonic() < deadline:
+        await deferLater(reactor, 0.05)
+    assert not connection.open, "the upstream connection is still open after the client left"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_ranged_read_reads_no_further_upstream_than_needed(service, big_attachment):
+    """PouchDB ignores Range: the service slices, then closes the upstream body early."""
+    reply = await fetch(
+        service.url(big_attachment, "movie", "movie.bin", TOKEN), headers={"Range": "bytes=0-99"}
+    )
+    assert (reply.status, len(reply.body)) == (206, 100)
+    carrying = [r.connection for r in service.proxy.requests if "movie.bin" in r.target]
+    connection = service.proxy.connections[carrying[0] - 1]
+    deadline = time.monotonic() + 2
+    while connection.open and time.monotonic() < deadline:
+        await deferLater(reactor, 0.05)
+    assert not connection.open
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_compressed_chunked_body_cut_midway_is_not_a_clean_end(service, admin, db):
+    """Without a Content-Length only an abort can tell the client the body is incomplete."""
+    admin.put(db, "doc", {"download_token": TOKEN})
+    admin.put_attachment(db, "doc", "log.txt", os.urandom(400_000).hex().encode(), "text/plain")
+    service.proxy.fault = Fault("cut", matches=lambda target: "log.txt" in target, after=200_000)
+    with pytest.raises(ResponseFailed):
+        await fetch(service.url(db, "doc", "log.txt", TOKEN), headers={"Accept-Encoding": "gzip"})

@@ -1,0 +1,78 @@
+"""Run ``twist couchtoken`` as a real subprocess, the way users start it."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from couchtoken.devserver import ROOT, free_port
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of a process, from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
+
+
+class TwistProcess:
+    """``twist couchtoken --port tcp:<free>:interface=127.0.0.1 [args]`` with the source tree's plugin."""
+
+    def __init__(self, log_path: Path, args: list[str] = (), env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.log_path = log_path
+        twist = Path(sys.executable).with_name("twist")
+        command = [str(twist)] if twist.exists() else [sys.executable, "-m", "twisted"]
+        self.command = command + [
+            "--log-format",
+            "text",
+            "couchtoken",
+            "--port",
+            f"tcp:{self.port}:interface=127.0.0.1",
+            *args,
+        ]
+        self.env = {**os.environ, **(env or {}), "PYTHONPATH": str(ROOT)}
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 30) -> None:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        self.process = subprocess.Popen(
+            self.command,
+            env=self.env,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"twist exited: {self.log_path.read_text()[-2000:]}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError("twist did not start listening")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")

@@ -17,7 +17,7 @@ import treq
 from twisted.internet import defer, error
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed, _HTTP11ClientFactory
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
@@ -49,6 +49,12 @@ class UpstreamTimeout(UpstreamError):
 
 class _BodyTooLarge(Exception):
     pass
+
+
+class _QuietClientFactory(_HTTP11ClientFactory):
+    """The pool's connection factory, without a log line per upstream connection."""
+
+    noisy = False
 
 
 def _translate(failure_value: BaseException) -> UpstreamError:
@@ -105,6 +111,7 @@ class CouchDBClient:
         self.pool = HTTPConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = max_connections_per_host
         self.pool.cachedConnectionTimeout = 30
+        self.pool._factory = _QuietClientFactory  # a documented, if private, ivar
         self._agent = Agent(reactor, connectTimeout=connect_timeout, pool=self.pool)
         self._log = Logger()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -32,7 +33,12 @@ def seed(admin: CouchAdmin) -> str:
     return existing["download_token"]
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    sys.exit(0)  # runs the ``finally`` below, which stops PouchDB Server
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     port = os.environ.get("PORT", "8000")
     env = dict(os.environ)
     pouchdb = None

@@ -20,6 +20,7 @@ import pytest_twisted
 from twisted.internet import reactor as global_reactor
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.logger import globalLogPublisher
 
 from couchtoken.config import CouchDBServer, Settings
 from couchtoken.devserver import CouchAdmin, PouchDBServer
@@ -123,6 +124,15 @@ def start_service(couch_server: CouchServer) -> Iterator[Any]:
                 await service.proxy.stop()
 
     pytest_twisted.blockon(ensureDeferred(stop_all()))
+
+
+@pytest.fixture
+def logged() -> Iterator[list[dict[str, Any]]]:
+    """Every log event emitted while the test runs."""
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    yield events
+    globalLogPublisher.removeObserver(events.append)
 
 
 @pytest_twisted.async_fixture

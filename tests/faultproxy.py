@@ -13,8 +13,8 @@ from typing import Any
 
 import attrs
 from twisted.internet import protocol
-from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
+from twisted.internet.task import deferLater
 
 
 @attrs.define
@@ -63,7 +63,6 @@ class _FromService(protocol.Protocol):
         self.pending: list[bytes] = []
         self.parse_buffer = b""
         self.open = True
-        self.closed: Deferred[None] = Deferred()
         self.cut_remaining: int | None = None
         self.swallow = False
         self.inject = b""
@@ -109,6 +108,14 @@ class _FromService(protocol.Protocol):
         elif fault.kind == "inject":
             self.inject = fault.headers
 
+    async def closes_within(self, seconds: float) -> bool:
+        """Wait until this connection is closed; False if it is still open after ``seconds``."""
+        reactor = self.proxy.reactor
+        deadline = reactor.seconds() + seconds
+        while self.open and reactor.seconds() < deadline:
+            await deferLater(reactor, 0.02)
+        return not self.open
+
     def upstream_connected(self, upstream: _ToUpstream) -> None:
         self.upstream = upstream
         if not self.open:
@@ -146,7 +153,6 @@ class _FromService(protocol.Protocol):
         self.open = False
         if self.upstream is not None:
             self.upstream.transport.loseConnection()
-        self.closed.callback(None)
 
 
 class _Factory(protocol.Factory):
@@ -192,5 +198,7 @@ class FaultProxy:
     def targets(self) -> list[str]:
         return [f"{r.method} {r.target}" for r in self.requests]
 
-    def open_connections(self) -> list[_FromService]:
-        return [c for c in self.connections if c.open]
+    def connections_for(self, fragment: str) -> list[_FromService]:
+        """The connections that carried a request whose target contains ``fragment``."""
+        numbers = sorted({r.connection for r in self.requests if fragment in r.target})
+        return [self.connections[n - 1] for n in numbers]

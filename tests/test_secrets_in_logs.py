@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import pytest_twisted
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import formatEvent
 
 from couchtoken.accesslog import redact_uri
 from couchtoken.config import ConfigError, CouchDBServer, Settings
@@ -13,14 +13,6 @@ from tests.faultproxy import Fault
 
 TOKEN = "Tk-9f8e7d6c5b4a"
 PASSWORD = "pw-Unguessable-42"
-
-
-@pytest.fixture
-def logged():
-    events = []
-    globalLogPublisher.addObserver(events.append)
-    yield events
-    globalLogPublisher.removeObserver(events.append)
 
 
 def _texts(events) -> str:

@@ -12,7 +12,6 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
-from twisted.logger import globalLogPublisher
 from twisted.web.client import ResponseFailed
 
 from couchtoken.devserver import free_port
@@ -27,14 +26,6 @@ def doc(admin, db):
     admin.put(db, "doc", {"download_token": TOKEN})
     admin.put_attachment(db, "doc", "file.txt", b"x" * 300_000, "application/octet-stream")
     return "doc"
-
-
-@pytest.fixture
-def logged():
-    events = []
-    globalLogPublisher.addObserver(events.append)
-    yield events
-    globalLogPublisher.removeObserver(events.append)
 
 
 @pytest_twisted.ensureDeferred

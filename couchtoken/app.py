@@ -18,12 +18,12 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IRequest, IResponse
 from werkzeug.exceptions import NotFound
 from werkzeug.http import parse_accept_header
 
-from couchtoken.attachments import AttachmentInfo, attachment_stub
+from couchtoken.attachments import AttachmentInfo
+from couchtoken.cache import DocumentCache
 from couchtoken.conditional import UNSATISFIABLE, choose_range, none_match
 from couchtoken.couchdb import CouchDBClient, UpstreamError
 from couchtoken.names import AttachmentPath, BadPath, parse_download_path
 from couchtoken.relay import relay_body
-from couchtoken.tokens import document_token, token_matches
 
 ALLOWED_METHODS = b"GET, HEAD, OPTIONS"
 ALLOWED_REQUEST_HEADERS = b"Range, If-None-Match, If-Range"
@@ -45,6 +45,10 @@ class HTTPAnswer(Exception):
         self.status = status
         self.body = {"error": error, "reason": reason}
         self.headers = headers
+
+
+class _StaleRevision(Exception):
+    """CouchDB has no such attachment at the revision the token was checked against."""
 
 
 def _forbidden() -> HTTPAnswer:
@@ -76,9 +80,9 @@ class DownloadApp:
     # malformed paths must get a 400, not a redirect.
     app.url_map.merge_slashes = False
 
-    def __init__(self, couchdb: CouchDBClient, token_field: tuple[str, ...]) -> None:
+    def __init__(self, couchdb: CouchDBClient, documents: DocumentCache) -> None:
         self._couchdb = couchdb
-        self._token_field = token_field
+        self._documents = documents
         self._log = Logger()
 
     def resource(self) -> Any:
@@ -137,15 +141,29 @@ class DownloadApp:
         offered = _single_arg(request, b"token")
         if not offered:
             raise _forbidden()
-        document = await self._couchdb.fetch_document(target.db, target.docid)
-        if document is None or not token_matches(document_token(document, self._token_field), offered):
+        try:
+            return await self._check_and_serve(request, target, offered)
+        except _StaleRevision:
+            # The revision we checked is gone (changed, compacted, database
+            # deleted) before its change reached us: check again, from CouchDB.
+            self._documents.evict(target.db, target.docid)
+            return await self._check_and_serve(request, target, offered, last_try=True)
+
+    async def _check_and_serve(
+        self, request: IRequest, target: AttachmentPath, offered: bytes, last_try: bool = False
+    ) -> bytes | None:
+        summary = await self._documents.lookup(target.db, target.docid)
+        if summary is None or not summary.accepts(offered):
             raise _forbidden()
-        stub = attachment_stub(document, target.attachment)
-        if stub is None:
+        info = summary.attachments.get(target.attachment)
+        if info is None:
             raise HTTPAnswer(404, "not_found", "no such attachment")
-        info = AttachmentInfo.from_stub(stub)
-        rev = document.get("_rev") if isinstance(document.get("_rev"), str) else None
-        return await self._serve(request, target, info, rev)
+        try:
+            return await self._serve(request, target, info, summary.rev)
+        except _StaleRevision:
+            if last_try:
+                raise HTTPAnswer(404, "not_found", "no such attachment") from None
+            raise
 
     def _preflight(self, request: IRequest) -> bytes:
         request.setResponseCode(204)
@@ -225,7 +243,7 @@ class DownloadApp:
         encoding = response.headers.getRawHeaders(b"content-encoding", [None])[0]
         if response.code == 404:
             await self._couchdb.discard(response)
-            raise HTTPAnswer(404, "not_found", "no such attachment")
+            raise _StaleRevision()
         if response.code not in (200, 206) or (response.code == 206 and window is None):
             await self._couchdb.discard(response)
             raise UpstreamError("status", f"CouchDB answered {response.code} for an attachment")

@@ -50,12 +50,3 @@ def _count(value: object) -> int | None:
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
     return None
-
-
-def attachment_stub(document: Mapping[str, Any], name: str) -> Mapping[str, Any] | None:
-    """The ``_attachments`` entry for ``name``, if the document has one."""
-    attachments = document.get("_attachments")
-    if not isinstance(attachments, Mapping):
-        return None
-    stub = attachments.get(name)
-    return stub if isinstance(stub, Mapping) else None

@@ -1,8 +1,9 @@
-"""The only way couchtoken talks to CouchDB: two kinds of GET, nothing else.
+"""The only way couchtoken talks to CouchDB: three kinds of GET, nothing else.
 
 ``fetch_document`` reads ``GET /<db>/<docid>``; ``open_attachment`` starts
 ``GET /<db>/<docid>/<attachment>?rev=<rev>`` and hands back the unread
-response so its body can be streamed.  A plain ``Agent`` is used rather than
+response so its body can be streamed; ``open_changes`` starts a database's
+continuous ``_changes`` feed.  A plain ``Agent`` is used rather than
 ``treq.HTTPClient``, which always adds gzip decoding (and a cookie jar and
 redirects): attachment bytes must reach the client exactly as CouchDB sent
 them.  treq's body helpers are used to read what is buffered.
@@ -113,6 +114,10 @@ class CouchDBClient:
         self.pool.cachedConnectionTimeout = 30
         self.pool._factory = _QuietClientFactory  # a documented, if private, ivar
         self._agent = Agent(reactor, connectTimeout=connect_timeout, pool=self.pool)
+        # Feeds hold their connection for as long as they live: keep them out of the pool.
+        self._feed_agent = Agent(
+            reactor, connectTimeout=connect_timeout, pool=HTTPConnectionPool(reactor, persistent=False)
+        )
         self._log = Logger()
 
     def __repr__(self) -> str:
@@ -132,15 +137,15 @@ class CouchDBClient:
             url += "?" + query
         return url.encode("ascii")
 
-    def _with_timeout(self, d: Deferred, what: str) -> Deferred:
+    def _with_timeout(self, d: Deferred, what: str, timeout: float | None = None) -> Deferred:
         def timed_out(result: object, timeout: float) -> None:
             raise UpstreamTimeout("response_timeout", f"CouchDB did not answer {what} in {timeout:g}s")
 
-        return d.addTimeout(self._response_timeout, self._reactor, onTimeoutCancel=timed_out)
+        return d.addTimeout(timeout or self._response_timeout, self._reactor, onTimeoutCancel=timed_out)
 
-    async def _get(self, url: bytes, headers: Headers) -> IResponse:
+    async def _get(self, url: bytes, headers: Headers, agent: Agent | None = None) -> IResponse:
         try:
-            return await self._agent.request(b"GET", url, headers)
+            return await (agent or self._agent).request(b"GET", url, headers)
         except defer.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - every client failure maps to 502/504
@@ -194,6 +199,15 @@ class CouchDBClient:
         url = self._url(attachment_path(target), query)
         d = Deferred.fromCoroutine(self._get(url, self._headers(**extra)))
         return await self._with_timeout(d, "an attachment request")
+
+    async def open_changes(self, db: str, heartbeat: float, timeout: float) -> IResponse:
+        """Start ``GET /<db>/_changes?feed=continuous&heartbeat=..&since=now``; the body streams on."""
+        query = f"feed=continuous&heartbeat={max(1, round(heartbeat * 1000))}&since=now"
+        url = self._url(f"/{encode_segment(db)}/_changes", query)
+        d = Deferred.fromCoroutine(
+            self._get(url, self._headers(accept=b"application/json"), self._feed_agent)
+        )
+        return await self._with_timeout(d, "a changes feed request", timeout)
 
     async def discard(self, response: IResponse) -> None:
         """Read and drop a small body so the connection can be reused."""

@@ -10,6 +10,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+import attrs
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
 from twisted.internet.endpoints import serverFromString
@@ -18,6 +19,7 @@ from twisted.python import usage
 
 from couchtoken.accesslog import DownloadSite
 from couchtoken.app import DownloadApp
+from couchtoken.cache import DocumentCache
 from couchtoken.config import (
     DEFAULT_COUCHDB_URL,
     DEFAULT_TOKEN_FIELD,
@@ -27,6 +29,7 @@ from couchtoken.config import (
     parse_token_field,
 )
 from couchtoken.couchdb import CouchDBClient
+from couchtoken.feeds import FeedManager
 
 _log = Logger()
 
@@ -39,6 +42,16 @@ def _positive(value: str) -> float:
 
 
 _positive.coerceDoc = "A positive number of seconds."  # type: ignore[attr-defined]
+
+
+def _count(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise ValueError("must not be negative")
+    return number
+
+
+_count.coerceDoc = "A whole number, 0 or more."  # type: ignore[attr-defined]
 
 
 class Options(usage.Options):
@@ -73,12 +86,34 @@ class Options(usage.Options):
             "Seconds to wait for CouchDB's response headers, or a whole document (then 504).",
             _positive,
         ],
+        ["max-connections", None, 32, "Persistent connections kept open to CouchDB.", int],
         [
-            "max-connections",
+            "cache-size",
             None,
-            32,
-            "Persistent connections kept open to CouchDB.",
-            int,
+            10_000,
+            "Documents whose token check is cached (0 turns the cache and the feeds off).",
+            _count,
+        ],
+        [
+            "cache-ttl",
+            None,
+            600.0,
+            "Seconds a cached document lives at most; a safety net, the _changes feeds keep it fresh.",
+            _positive,
+        ],
+        [
+            "max-feeds",
+            None,
+            100,
+            "Databases followed by a _changes feed at once; past it the least recently used stop.",
+            _count,
+        ],
+        [
+            "feed-heartbeat",
+            None,
+            5.0,
+            "Seconds between the feeds' heartbeats; a feed silent for twice that plus 1 s reconnects.",
+            _positive,
         ],
     ]
 
@@ -96,6 +131,10 @@ class Options(usage.Options):
                 connect_timeout=self["connect-timeout"],
                 response_timeout=self["response-timeout"],
                 max_connections_per_host=self["max-connections"],
+                cache_size=self["cache-size"],
+                cache_ttl=self["cache-ttl"],
+                max_feeds=self["max-feeds"],
+                feed_heartbeat=self["feed-heartbeat"],
             )
         except ConfigError as exc:
             raise usage.UsageError(str(exc)) from None
@@ -119,8 +158,20 @@ class _CouchDBClientService(Service):
         return self._client.close()
 
 
-def build_site(settings: Settings, reactor: Any) -> tuple[DownloadSite, CouchDBClient]:
-    """The public web site and the CouchDB client behind it."""
+@attrs.define
+class Couchtoken:
+    """The parts of a running couchtoken, wired together (everything but the listening port)."""
+
+    settings: Settings
+    client: CouchDBClient
+    feeds: FeedManager
+    documents: DocumentCache
+    site: DownloadSite
+    service: MultiService
+
+
+def build(settings: Settings, reactor: Any) -> Couchtoken:
+    """Wire the CouchDB client, the feeds, the cache and the web site."""
     client = CouchDBClient(
         settings.couchdb,
         reactor,
@@ -128,9 +179,22 @@ def build_site(settings: Settings, reactor: Any) -> tuple[DownloadSite, CouchDBC
         response_timeout=settings.response_timeout,
         max_connections_per_host=settings.max_connections_per_host,
     )
-    app = DownloadApp(client, settings.token_field)
-    site = DownloadSite(app.resource(), reactor=reactor)
-    return site, client
+    feeds = FeedManager(client, reactor, max_feeds=settings.max_feeds, heartbeat=settings.feed_heartbeat)
+    documents = DocumentCache(
+        client.fetch_document,
+        settings.token_field,
+        feeds,
+        reactor,
+        maxsize=settings.cache_size,
+        ttl=settings.cache_ttl,
+    )
+    feeds.on_change = documents.evict
+    feeds.on_gap = documents.drop_database
+    site = DownloadSite(DownloadApp(client, documents).resource(), reactor=reactor)
+    service = MultiService()
+    _CouchDBClientService(client, settings).setServiceParent(service)
+    feeds.setServiceParent(service)
+    return Couchtoken(settings, client, feeds, documents, site, service)
 
 
 def makeService(config: Options, reactor: Any = None) -> MultiService:
@@ -139,10 +203,7 @@ def makeService(config: Options, reactor: Any = None) -> MultiService:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
-    settings: Settings = config["settings"]
-    site, client = build_site(settings, reactor)
-    root = MultiService()
-    _CouchDBClientService(client, settings).setServiceParent(root)
+    app = build(config["settings"], reactor)
     endpoint = serverFromString(reactor, config["port"])
-    StreamServerEndpointService(endpoint, site).setServiceParent(root)
-    return root
+    StreamServerEndpointService(endpoint, app.site).setServiceParent(app.service)
+    return app.service

@@ -24,7 +24,7 @@ from twisted.logger import globalLogPublisher
 
 from couchtoken.config import CouchDBServer, Settings
 from couchtoken.devserver import CouchAdmin, PouchDBServer
-from couchtoken.tap import build_site
+from couchtoken.tap import Couchtoken, build
 from tests.faultproxy import FaultProxy
 from tests.http import fetch, service_url
 
@@ -77,7 +77,7 @@ class RunningService:
 
     base_url: str
     proxy: FaultProxy | None
-    client: Any
+    app: Couchtoken
     port: Any
 
     def url(self, db: str, docid: str, attachment: str, token: str | None = None, **query: str) -> str:
@@ -106,10 +106,13 @@ def start_service(couch_server: CouchServer) -> Iterator[Any]:
             creds = f"{quote(admin.user or '', safe='')}:{quote(admin.password or '', safe='')}@"
             couchdb_url = f"http://{creds if admin.user else ''}{proxy.url_host}"
         settings = Settings(couchdb=CouchDBServer.from_url(couchdb_url), **options)
-        site, client = build_site(settings, global_reactor)
-        port = await TCP4ServerEndpoint(global_reactor, 0, interface="127.0.0.1").listen(site)
+        app = build(settings, global_reactor)
+        app.service.startService()
+        port = await TCP4ServerEndpoint(global_reactor, 0, backlog=1024, interface="127.0.0.1").listen(
+            app.site
+        )
         service = RunningService(
-            base_url=f"http://127.0.0.1:{port.getHost().port}", proxy=proxy, client=client, port=port
+            base_url=f"http://127.0.0.1:{port.getHost().port}", proxy=proxy, app=app, port=port
         )
         running.append(service)
         return service
@@ -119,7 +122,7 @@ def start_service(couch_server: CouchServer) -> Iterator[Any]:
     async def stop_all() -> None:
         for service in running:
             await service.port.stopListening()
-            await service.client.close()
+            await service.app.service.stopService()
             if service.proxy is not None:
                 await service.proxy.stop()
 

@@ -14,7 +14,8 @@ from typing import Any
 import attrs
 from twisted.internet import protocol
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
-from twisted.internet.task import deferLater
+
+from tests.waiting import wait_until
 
 
 @attrs.define
@@ -32,13 +33,15 @@ class Fault:
     kinds: ``garbage`` (answer bytes that are not HTTP), ``stall`` (never
     answer), ``reset`` (drop the connection), ``cut`` (forward, then drop
     the connection after ``after`` bytes of the response), ``inject`` (add
-    raw ``headers`` lines to the response).
+    raw ``headers`` lines to the response), ``delay`` (hold the request
+    ``seconds`` before forwarding it).
     """
 
     kind: str
     matches: Callable[[str], bool] = lambda target: True
     after: int = 0
     headers: bytes = b""
+    seconds: float = 0.0
 
 
 class _ToUpstream(protocol.Protocol):
@@ -66,9 +69,15 @@ class _FromService(protocol.Protocol):
         self.cut_remaining: int | None = None
         self.swallow = False
         self.inject = b""
+        self.delay = 0.0
+        self.held: list[bytes] | None = None
 
     def connectionMade(self) -> None:
         self.proxy.connections.append(self)
+        if self.proxy.down:
+            self.open = False
+            self.transport.abortConnection()
+            return
         endpoint = TCP4ClientEndpoint(self.proxy.reactor, self.proxy.upstream_host, self.proxy.upstream_port)
         connectProtocol(endpoint, _ToUpstream(self)).addErrback(lambda _: self.transport.abortConnection())
 
@@ -88,10 +97,14 @@ class _FromService(protocol.Protocol):
                 self.apply(fault)
         if self.swallow:
             return
-        if self.upstream is None:
-            self.pending.append(data)
-        else:
-            self.upstream.transport.write(data)
+        if self.delay:
+            self.held = []
+            self.proxy.reactor.callLater(self.delay, self._release)
+            self.delay = 0.0
+        if self.held is not None:
+            self.held.append(data)
+            return
+        self._forward(data)
 
     def apply(self, fault: Fault) -> None:
         if fault.kind == "garbage":
@@ -107,14 +120,23 @@ class _FromService(protocol.Protocol):
             self.cut_remaining = fault.after
         elif fault.kind == "inject":
             self.inject = fault.headers
+        elif fault.kind == "delay":
+            self.delay = fault.seconds
+
+    def _release(self) -> None:
+        held, self.held = self.held or [], None
+        for data in held:
+            self._forward(data)
+
+    def _forward(self, data: bytes) -> None:
+        if self.upstream is None:
+            self.pending.append(data)
+        else:
+            self.upstream.transport.write(data)
 
     async def closes_within(self, seconds: float) -> bool:
         """Wait until this connection is closed; False if it is still open after ``seconds``."""
-        reactor = self.proxy.reactor
-        deadline = reactor.seconds() + seconds
-        while self.open and reactor.seconds() < deadline:
-            await deferLater(reactor, 0.02)
-        return not self.open
+        return await wait_until(lambda: not self.open, seconds)
 
     def upstream_connected(self, upstream: _ToUpstream) -> None:
         self.upstream = upstream
@@ -177,6 +199,7 @@ class FaultProxy:
         self.requests: list[RecordedRequest] = []
         self.connections: list[_FromService] = []
         self.fault: Fault | None = None
+        self.down = False
         self._port: Any = None
 
     async def start(self) -> int:
@@ -194,6 +217,23 @@ class FaultProxy:
         for connection in self.connections:
             if connection.open:
                 connection.transport.abortConnection()
+
+    def outage(self) -> None:
+        """Cut every connection and refuse new ones, until ``restore``."""
+        self.down = True
+        for connection in self.open_connections():
+            connection.transport.abortConnection()
+
+    def restore(self) -> None:
+        self.down = False
+
+    def silence(self, fragment: str) -> None:
+        """Stop passing bytes on the open connections that carried ``fragment``, without closing them."""
+        for connection in self.connections_for(fragment):
+            connection.swallow = True
+
+    def open_connections(self) -> list[_FromService]:
+        return [c for c in self.connections if c.open]
 
     def targets(self) -> list[str]:
         return [f"{r.method} {r.target}" for r in self.requests]

@@ -12,9 +12,13 @@ from twisted.internet import reactor, threads
 from tests.faultproxy import Fault
 
 TOKEN = "tok"
-# Everything the service may ever ask CouchDB for: one document, or one of its
-# attachments pinned to a revision.  No name starts with "_".
-ALLOWED = re.compile(r"GET /(?!_)[^/?]+/(?!_)[^/?]+(/[^?]+\?rev=[0-9]+-[0-9a-f]+)?\Z")
+# Everything the service may ever ask CouchDB for: one document, one of its
+# attachments pinned to a revision, or a database's changes feed.  No database
+# or document name starts with "_".
+ALLOWED = re.compile(
+    r"GET /(?!_)[^/?]+/(?!_)[^/?]+(/[^?]+\?rev=[0-9]+-[0-9a-f]+)?\Z"
+    r"|GET /(?!_)[^/?]+/_changes\?feed=continuous&heartbeat=[0-9]+&since=now\Z"
+)
 
 
 def _raw_request(port: int, request_line: bytes, headers: bytes = b"") -> bytes:
@@ -145,7 +149,7 @@ async def test_no_traceback_reaches_a_client(service, admin, db, monkeypatch):
     def explode(*args, **kwargs):
         raise RuntimeError("internal detail that must stay inside")
 
-    monkeypatch.setattr("couchtoken.app.attachment_stub", explode)
+    monkeypatch.setattr("couchtoken.documents.DocumentSummary.accepts", explode)
     reply = await service.get(service.url(db, "doc", "file.txt", TOKEN))
     assert reply.status == 500
     assert b"internal detail" not in reply.body

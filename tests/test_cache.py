@@ -1,0 +1,266 @@
+"""The token cache and its _changes feeds, end to end against the real server."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import pytest_twisted
+from twisted.internet.defer import DeferredList, ensureDeferred
+
+from tests.http import fetch
+from tests.waiting import wait_until
+
+TOKEN = "t0ken"
+HEARTBEAT = 0.2  # seconds: feeds go live fast, and silent ones are noticed in 1.4 s
+
+
+def doc_requests(service, db, docid="doc"):
+    return [t for t in service.couchdb_targets() if t == f"GET /{db}/{docid}"]
+
+
+def attachment_requests(service, db):
+    return [t for t in service.couchdb_targets() if "?rev=" in t and t.startswith(f"GET /{db}/")]
+
+
+async def warm(service, db, docid="doc", attachment="f.txt", token=TOKEN):
+    """Make the document cached: wait for its feed, then look it up once."""
+    await fetch(service.url(db, docid, attachment, token), "HEAD")
+    feeds = service.app.feeds
+    assert await wait_until(lambda: any(f.db == db and f.live for f in feeds.feeds()), 5), "feed never live"
+    await fetch(service.url(db, docid, attachment, token), "HEAD")
+    before = len(doc_requests(service, db, docid))
+    await fetch(service.url(db, docid, attachment, token), "HEAD")
+    assert len(doc_requests(service, db, docid)) == before, "the document is not cached"
+
+
+async def until_status(url, status, timeout=1.0):
+    """Poll ``url`` until it answers ``status``; returns the seconds it took (or None)."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if (await fetch(url)).status == status:
+            return time.monotonic() - started
+    return None
+
+
+@pytest.fixture
+async def cached(start_service):
+    return await start_service(feed_heartbeat=HEARTBEAT)
+
+
+@pytest.fixture
+def doc(admin, db):
+    admin.put(db, "doc", {"download_token": TOKEN})
+    admin.put_attachment(db, "doc", "f.txt", b"cached body", "text/plain")
+    return "doc"
+
+
+@pytest_twisted.ensureDeferred
+async def test_warm_downloads_make_only_the_attachment_request(start_service, db, doc):
+    service = await start_service(feed_heartbeat=HEARTBEAT)
+    await warm(service, db)
+    docs_before = len(doc_requests(service, db))
+    atts_before = len(attachment_requests(service, db))
+    for _ in range(10):
+        reply = await fetch(service.url(db, doc, "f.txt", TOKEN))
+        assert (reply.status, reply.body) == (200, b"cached body")
+    assert len(doc_requests(service, db)) == docs_before
+    assert len(attachment_requests(service, db)) == atts_before + 10
+
+
+@pytest_twisted.ensureDeferred
+async def test_warm_refusals_404s_and_304s_make_no_request_at_all(start_service, db, doc):
+    service = await start_service(feed_heartbeat=HEARTBEAT)
+    await warm(service, db)
+    etag = (await fetch(service.url(db, doc, "f.txt", TOKEN), "HEAD")).header("etag")
+    seen = len(service.couchdb_targets())
+    for _ in range(5):
+        assert (await fetch(service.url(db, doc, "f.txt", "wrong"))).status == 403
+        assert (await fetch(service.url(db, doc, "missing.txt", TOKEN))).status == 404
+        reply = await fetch(service.url(db, doc, "f.txt", TOKEN), headers={"If-None-Match": etag})
+        assert reply.status == 304
+    assert len(service.couchdb_targets()) == seen
+
+
+@pytest_twisted.ensureDeferred
+async def test_negative_entries_spare_couchdb(start_service, admin, db):
+    service = await start_service(feed_heartbeat=HEARTBEAT)
+    admin.put(db, "tokenless", {"title": "no token here"})
+    await fetch(service.url(db, "nodoc", "f.txt", "x"))
+    assert await wait_until(lambda: any(f.live for f in service.app.feeds.feeds()), 5)
+    for docid in ("nodoc", "tokenless"):
+        await fetch(service.url(db, docid, "f.txt", "x"))
+        before = len(service.couchdb_targets())
+        for _ in range(20):
+            assert (await fetch(service.url(db, docid, "f.txt", f"guess-{_}"))).status == 403
+        assert len(service.couchdb_targets()) == before
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("cache_size", [10_000, 0], ids=["cache", "no-cache"])
+async def test_concurrent_cold_requests_share_one_document_fetch(start_service, db, doc, cache_size):
+    from tests.faultproxy import Fault
+
+    service = await start_service(feed_heartbeat=HEARTBEAT, cache_size=cache_size)
+    service.proxy.fault = Fault("delay", matches=lambda target: target == f"/{db}/doc", seconds=1.5)
+    url = service.url(db, doc, "f.txt", TOKEN)
+    replies = await DeferredList([ensureDeferred(fetch(url, "HEAD")) for _ in range(500)], consumeErrors=True)
+    statuses = [result.status if ok else repr(result) for ok, result in replies]
+    assert statuses == [200] * 500
+    assert len(doc_requests(service, db)) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_revocation_lands_within_a_second(start_service, admin, db, doc):
+    service = await start_service(feed_heartbeat=HEARTBEAT)
+    await warm(service, db)
+    admin.put(db, doc, {"download_token": "rotated"})
+    took = await until_status(service.url(db, doc, "f.txt", TOKEN), 403)
+    assert took is not None, "the old token still works after 1 s"
+    assert (await fetch(service.url(db, doc, "f.txt", "rotated"))).status == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_deletion_lands_within_a_second(start_service, admin, db, doc):
+    service = await start_service(feed_heartbeat=HEARTBEAT)
+    await warm(service, db)
+    admin.delete(db, doc)
+    assert await until_status(service.url(db, doc, "f.txt", TOKEN), 403) is not None
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_token_added_later_works_within_a_second(start_service, admin, db):
+    service = await start_service(feed_heartbeat=HEARTBEAT)
+    admin.put(db, "doc", {"title": "no token yet"})
+    admin.put_attachment(db, "doc", "f.txt", b"later")
+    await fetch(service.url(db, "doc", "f.txt", "new"))
+    assert await wait_until(lambda: any(f.live for f in service.app.feeds.feeds()), 5)
+    assert (await fetch(service.url(db, "doc", "f.txt", "new"))).status == 403  # cached negative
+    admin.put(db, "doc", {"download_token": "new"})
+    assert await until_status(service.url(db, "doc", "f.txt", "new"), 200) is not None
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_new_attachment_is_served_within_a_second(start_service, admin, db, doc):
+    service = await start_service(feed_heartbeat=HEARTBEAT)
+    await warm(service, db)
+    assert (await fetch(service.url(db, doc, "new.txt", TOKEN))).status == 404
+    admin.put_attachment(db, doc, "new.txt", b"fresh")
+    assert await until_status(service.url(db, doc, "new.txt", TOKEN), 200) is not None
+    assert (await fetch(service.url(db, doc, "new.txt", TOKEN))).body == b"fresh"
+
+
+@pytest_twisted.ensureDeferred
+async def test_twenty_databases_each_revoked(start_service, admin):
+    service = await start_service(feed_heartbeat=HEARTBEAT)
+    names = [f"ct-many-{i:02d}-{time.monotonic_ns() % 10**8}" for i in range(20)]
+    try:
+        for name in names:
+            admin.create_db(name)
+            admin.put(name, "doc", {"download_token": TOKEN})
+            admin.put_attachment(name, "doc", "f.txt", b"x")
+        for name in names:
+            await warm(service, name)
+        assert sum(f.live for f in service.app.feeds.feeds()) == 20
+        for name in names:
+            admin.put(name, "doc", {"download_token": f"new-{name}"})
+        for name in names:
+            assert await until_status(service.url(name, "doc", "f.txt", TOKEN), 403) is not None, name
+    finally:
+        for name in names:
+            admin.delete_db(name)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_token_changed_during_an_outage_is_refused_on_the_first_answer(start_service, admin, db, doc):
+    service = await start_service(feed_heartbeat=HEARTBEAT)
+    await warm(service, db)
+    service.proxy.outage()
+    assert (await fetch(service.url(db, doc, "f.txt", TOKEN))).status == 502
+    admin.put(db, doc, {"download_token": "changed-while-down"})
+    service.proxy.restore()
+    first = await fetch(service.url(db, doc, "f.txt", TOKEN))
+    assert first.status == 403
+    assert (await fetch(service.url(db, doc, "f.txt", "changed-while-down"))).status == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_silent_feed_is_noticed_and_replaced(start_service, admin, db, doc):
+    """The network keeps the connection but stops carrying bytes: the watchdog reconnects."""
+    service = await start_service(feed_heartbeat=HEARTBEAT)
+    await warm(service, db)
+    (feed,) = service.app.feeds.feeds()
+    epoch = feed.epoch
+    service.proxy.silence("_changes")
+    admin.put(db, doc, {"download_token": "changed-while-silent"})
+    assert await until_status(service.url(db, doc, "f.txt", TOKEN), 403, timeout=5) is not None
+    assert await wait_until(lambda: feed.live and feed.epoch > epoch, 5)
+    assert feed.reconnects >= 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_deleted_database_refuses_the_old_token_at_once(start_service, admin, db, doc):
+    service = await start_service(feed_heartbeat=HEARTBEAT)
+    await warm(service, db)
+    admin.delete_db(db)
+    assert await until_status(service.url(db, doc, "f.txt", TOKEN), 403) is not None
+    admin.create_db(db)  # the fixture deletes it again
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_missing_database_gets_no_feed_for_a_while(start_service):
+    service = await start_service(feed_heartbeat=HEARTBEAT)
+    url = service.url("ct-never-created", "doc", "f.txt", TOKEN)
+    assert (await fetch(url)).status == 403
+    assert await wait_until(lambda: service.app.feeds.feeds() == [], 5)
+    feed_requests = len([t for t in service.couchdb_targets() if "_changes" in t])
+    for _ in range(10):
+        assert (await fetch(url)).status == 403
+    assert len([t for t in service.couchdb_targets() if "_changes" in t]) == feed_requests == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_past_max_feeds_the_least_recently_used_database_goes_uncached(start_service, admin):
+    service = await start_service(feed_heartbeat=HEARTBEAT, max_feeds=2)
+    names = [f"ct-lru-{i}-{time.monotonic_ns() % 10**8}" for i in range(3)]
+    try:
+        for name in names:
+            admin.create_db(name)
+            admin.put(name, "doc", {"download_token": TOKEN})
+            admin.put_attachment(name, "doc", "f.txt", b"x")
+        await warm(service, names[0])
+        await warm(service, names[1])
+        await warm(service, names[2])
+        assert sorted(f.db for f in service.app.feeds.feeds()) == sorted(names[1:])
+        before = len(doc_requests(service, names[0]))
+        await fetch(service.url(names[0], "doc", "f.txt", TOKEN), "HEAD")
+        assert len(doc_requests(service, names[0])) == before + 1
+        assert len(service.app.feeds.feeds()) <= 2
+    finally:
+        for name in names:
+            admin.delete_db(name)
+
+
+@pytest_twisted.ensureDeferred
+async def test_feeds_reconnect_after_couchdb_restarts(start_service, couch_server, admin, db, doc):
+    if couch_server.pouchdb is None:
+        pytest.skip("restarts only the PouchDB Server the tests started")
+    service = await start_service(feed_heartbeat=HEARTBEAT)
+    await warm(service, db)
+    couch_server.pouchdb.stop()
+    couch_server.pouchdb.start()
+    assert await wait_until(lambda: all(f.live for f in service.app.feeds.feeds()), 10)
+    await warm(service, db)
+    admin.put(db, doc, {"download_token": "after-restart"})
+    assert await until_status(service.url(db, doc, "f.txt", TOKEN), 403) is not None
+
+
+@pytest_twisted.ensureDeferred
+async def test_feeds_stop_with_the_service(start_service, db, doc):
+    service = await start_service(feed_heartbeat=HEARTBEAT)
+    await warm(service, db)
+    feed_connections = service.proxy.connections_for("_changes")
+    assert any(c.open for c in feed_connections)
+    await service.app.service.stopService()
+    assert await wait_until(lambda: not any(c.open for c in feed_connections), 2)
+    service.app.service.startService()  # the fixture stops it again

@@ -24,8 +24,8 @@ test: $(BIN)/.installed $(NODE_MODULES)
 	$(BIN)/python -m pytest tests
 
 lint: $(BIN)/.installed
-	$(BIN)/ruff check couchtoken tests twisted setup.py
-	$(BIN)/ruff format --check couchtoken tests twisted setup.py
+	$(BIN)/ruff check couchtoken tests twisted benchmarks setup.py
+	$(BIN)/ruff format --check couchtoken tests twisted benchmarks setup.py
 
 clean:
 	rm -rf $(VENV) tests/node_modules .pytest_cache

@@ -30,6 +30,18 @@ def test_defaults_without_environment():
     assert settings.token_field == ("download_token",)
 
 
+def test_cache_options():
+    settings = _parse(
+        ["--cache-size", "0", "--cache-ttl", "30", "--max-feeds", "3", "--feed-heartbeat", "2"], {}
+    )
+    assert (settings.cache_size, settings.cache_ttl, settings.max_feeds, settings.feed_heartbeat) == (
+        0,
+        30,
+        3,
+        2,
+    )
+
+
 def test_environment_then_options_win():
     env = {"COUCHDB_URL": "http://a:b@envhost:1234", "DOWNLOAD_TOKEN_KEY_NAME": "data.token"}
     settings = _parse([], env)

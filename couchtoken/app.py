@@ -34,6 +34,16 @@ _COMMON_HEADERS = (
     (b"access-control-expose-headers", EXPOSED_HEADERS),
     (b"x-content-type-options", b"nosniff"),
 )
+_SUCCESS_HEADERS = (
+    b"etag",
+    b"accept-ranges",
+    b"vary",
+    b"content-range",
+    b"content-encoding",
+    b"content-length",
+    b"content-type",
+    b"cache-control",
+)
 _FORBIDDEN = {"error": "forbidden", "reason": "invalid or missing download token"}
 
 
@@ -116,6 +126,8 @@ class DownloadApp:
 
     def _answer(self, request: IRequest, answer: HTTPAnswer) -> bytes:
         body = json.dumps(answer.body, separators=(",", ":")).encode("ascii")
+        for name in _SUCCESS_HEADERS:  # set before the failure was known
+            request.responseHeaders.removeHeader(name)
         request.setResponseCode(answer.status)
         for name, value in _COMMON_HEADERS:
             request.setHeader(name, value)
@@ -223,7 +235,7 @@ class DownloadApp:
         if window is not None:
             start, stop = window
             request.setResponseCode(206)
-            request.setHeader(b"content-range", b"bytes %d-%d/%d" % (start, stop - 1, info.length))
+            request.setHeader(b"content-range", _content_range(window, info))
             request.setHeader(b"content-length", b"%d" % (stop - start))
         elif accept_gzip and info.encoding == "gzip" and info.encoded_length is not None:
             request.setHeader(b"content-encoding", b"gzip")
@@ -239,30 +251,27 @@ class DownloadApp:
         window: tuple[int, int] | None,
         etag: str | None,
     ) -> bytes | None:
-        upstream_etag = response.headers.getRawHeaders(b"etag", [None])[0]
-        encoding = response.headers.getRawHeaders(b"content-encoding", [None])[0]
+        """Check CouchDB's answer, then stream it (sliced to ``window`` if CouchDB sent it all)."""
         if response.code == 404:
             await self._couchdb.discard(response)
             raise _StaleRevision()
         if response.code not in (200, 206) or (response.code == 206 and window is None):
             await self._couchdb.discard(response)
             raise UpstreamError("status", f"CouchDB answered {response.code} for an attachment")
-        self._success_headers(request, info, upstream_etag.decode("latin-1") if upstream_etag else etag)
+        encoding = response.headers.getRawHeaders(b"content-encoding", [None])[0]
         skip, limit = 0, None
         if window is not None:
             start, stop = window
             if encoding not in (None, b"identity"):
-                response.deliverBody(_Discard())
-                raise UpstreamError("protocol", "CouchDB compressed a ranged attachment")
-            if response.code == 206:
-                expected = b"bytes %d-%d/%d" % (start, stop - 1, info.length)
-                got = response.headers.getRawHeaders(b"content-range", [b""])[0]
-                if got != expected:
-                    response.deliverBody(_Discard())
-                    raise UpstreamError("protocol", "CouchDB answered another range than asked")
-            else:
+                _refuse(response, "CouchDB compressed a ranged attachment")
+            if response.code == 200:
                 skip, limit = start, stop - start
-            self._length_headers(request, info, window, False)
+            elif response.headers.getRawHeaders(b"content-range", [b""])[0] != _content_range(window, info):
+                _refuse(response, "CouchDB answered another range than asked")
+        upstream_etag = response.headers.getRawHeaders(b"etag", [None])[0]
+        self._success_headers(request, info, upstream_etag.decode("latin-1") if upstream_etag else etag)
+        if window is not None:
+            self._length_headers(request, info, window, accept_gzip=False)
         else:
             if encoding is not None:
                 request.setHeader(b"content-encoding", encoding)
@@ -270,6 +279,17 @@ class DownloadApp:
                 request.setHeader(b"content-length", b"%d" % response.length)
         await relay_body(response, request, skip, limit)
         return None
+
+
+def _content_range(window: tuple[int, int], info: AttachmentInfo) -> bytes:
+    start, stop = window
+    return b"bytes %d-%d/%d" % (start, stop - 1, info.length)
+
+
+def _refuse(response: IResponse, detail: str) -> None:
+    """Drop an unusable attachment response and fail with a 502."""
+    response.deliverBody(_Discard())
+    raise UpstreamError("protocol", detail)
 
 
 class _Discard:

@@ -134,3 +134,16 @@ async def test_an_upstream_dying_mid_range_aborts_the_client_response(service, d
     with pytest.raises(ResponseFailed):
         await fetch(service.url(db, doc, "file.txt", TOKEN), headers={"Range": "bytes=1000-250000"})
     await deferLater(reactor, 0.1)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_compressed_answer_to_a_range_is_a_clean_502(service, db, doc):
+    """Range is asked for identity bytes; a gzip answer cannot be sliced, and no stray header leaks."""
+    service.proxy.fault = Fault(
+        "inject", matches=lambda target: "file.txt" in target, headers=b"Content-Encoding: gzip\r\n"
+    )
+    reply = await fetch(service.url(db, doc, "file.txt", TOKEN), headers={"Range": "bytes=0-9"})
+    assert reply.status == 502
+    assert reply.json()["error"] == "bad_gateway"
+    for header in ("content-encoding", "etag", "content-range", "accept-ranges"):
+        assert reply.header(header) is None, header

@@ -22,7 +22,9 @@ from couchtoken.attachments import AttachmentInfo
 from couchtoken.cache import DocumentCache
 from couchtoken.conditional import UNSATISFIABLE, choose_range, none_match
 from couchtoken.couchdb import CouchDBClient, UpstreamError
+from couchtoken.metrics import Metrics
 from couchtoken.names import AttachmentPath, BadPath, parse_download_path
+from couchtoken.ops import HEALTH_PATH, METRICS_PATH, OpsEndpoints
 from couchtoken.relay import relay_body
 
 ALLOWED_METHODS = b"GET, HEAD, OPTIONS"
@@ -43,6 +45,7 @@ _SUCCESS_HEADERS = (
     b"content-length",
     b"content-type",
     b"cache-control",
+    b"retry-after",
 )
 _FORBIDDEN = {"error": "forbidden", "reason": "invalid or missing download token"}
 
@@ -90,10 +93,30 @@ class DownloadApp:
     # malformed paths must get a 400, not a redirect.
     app.url_map.merge_slashes = False
 
-    def __init__(self, couchdb: CouchDBClient, documents: DocumentCache) -> None:
+    def __init__(
+        self,
+        couchdb: CouchDBClient,
+        documents: DocumentCache,
+        *,
+        ops: OpsEndpoints,
+        metrics: Metrics,
+        clock: Any,
+        max_downloads: int,
+        idle_timeout: float,
+        serve_metrics: bool = True,
+    ) -> None:
         self._couchdb = couchdb
         self._documents = documents
+        self._ops = ops
+        self._metrics = metrics
+        self._clock = clock
+        self._max_downloads = max_downloads
+        self._idle_timeout = idle_timeout
+        self._serve_metrics = serve_metrics
+        self._active: set[IRequest] = set()
+        self._drained: Deferred[None] | None = None
         self._log = Logger()
+        metrics.in_flight.set_function(lambda: len(self._active))
 
     def resource(self) -> Any:
         return self.app.resource()
@@ -106,12 +129,26 @@ class DownloadApp:
     async def download(self, request: IRequest) -> bytes | None:
         for name, value in _COMMON_HEADERS:
             request.setHeader(name, value)
+        if request.path == HEALTH_PATH and request.method in (b"GET", b"HEAD"):
+            return await self._ops.render_health(request)
+        if request.path == METRICS_PATH and request.method in (b"GET", b"HEAD") and self._serve_metrics:
+            return self._ops.render_metrics(request)
+        if self._drained is not None:
+            request.setHeader(b"connection", b"close")
+            return self._answer(request, HTTPAnswer(503, "unavailable", "shutting down", retry_after=b"5"))
+        if request.method != b"OPTIONS" and len(self._active) >= self._max_downloads:
+            self._metrics.rejected.inc()
+            return self._answer(
+                request, HTTPAnswer(503, "unavailable", "too many downloads", retry_after=b"1")
+            )
+        self._active.add(request)
         try:
             return await self._download(request)
         except HTTPAnswer as answer:
             return self._answer(request, answer)
         except UpstreamError as exc:
             self._log.warn("CouchDB failed ({kind}): {detail}", kind=exc.kind, detail=exc.detail)
+            self._metrics.upstream_errors.labels(exc.kind).inc()
             error = "gateway_timeout" if exc.status == 504 else "bad_gateway"
             return self._answer(request, HTTPAnswer(exc.status, error, "CouchDB is unavailable"))
         except CancelledError:
@@ -123,6 +160,31 @@ class DownloadApp:
                 request.transport.abortConnection()
                 return await Deferred()  # cancelled when the connection is gone
             return self._answer(request, HTTPAnswer(500, "internal_error", "internal error"))
+        finally:
+            self._active.discard(request)
+            if self._drained is not None and not self._active and not self._drained.called:
+                self._drained.callback(None)
+
+    def drain(self, timeout: float) -> Deferred[None]:
+        """Refuse new downloads; fire when the running ones end, cutting them after ``timeout``."""
+        if self._drained is None:
+            self._drained = Deferred()
+            if not self._active:
+                self._drained.callback(None)
+            else:
+                self._log.info(
+                    "Draining {count} download(s) for up to {timeout:g}s",
+                    count=len(self._active),
+                    timeout=timeout,
+                )
+                cut = self._clock.callLater(timeout, self._cut_remaining)
+                self._drained.addBoth(lambda result: cut.cancel() if cut.active() else None)
+        return self._drained
+
+    def _cut_remaining(self) -> None:
+        self._log.warn("Drain timeout: cutting {count} download(s)", count=len(self._active))
+        for request in list(self._active):
+            request.transport.abortConnection()
 
     def _answer(self, request: IRequest, answer: HTTPAnswer) -> bytes:
         body = json.dumps(answer.body, separators=(",", ":")).encode("ascii")
@@ -164,7 +226,8 @@ class DownloadApp:
     async def _check_and_serve(
         self, request: IRequest, target: AttachmentPath, offered: bytes, last_try: bool = False
     ) -> bytes | None:
-        summary = await self._documents.lookup(target.db, target.docid)
+        summary, cached = await self._documents.lookup(target.db, target.docid)
+        request.cache_status = "hit" if cached else "miss"
         if summary is None or not summary.accepts(offered):
             raise _forbidden()
         info = summary.attachments.get(target.attachment)
@@ -277,7 +340,15 @@ class DownloadApp:
                 request.setHeader(b"content-encoding", encoding)
             if response.length is not UNKNOWN_LENGTH:
                 request.setHeader(b"content-length", b"%d" % response.length)
-        await relay_body(response, request, skip, limit)
+        await relay_body(
+            response,
+            request,
+            skip,
+            limit,
+            clock=self._clock,
+            idle_timeout=self._idle_timeout,
+            on_idle=self._metrics.idle_disconnects.inc,
+        )
         return None
 
 

@@ -78,6 +78,8 @@ class DocumentCache:
         self._flights: dict[Key, _Flight] = {}
         self.hits = 0
         self.misses = 0
+        self.evictions = 0
+        self.revocations = 0
 
     @property
     def enabled(self) -> bool:
@@ -86,15 +88,15 @@ class DocumentCache:
     def __len__(self) -> int:
         return 0 if self._entries is None else len(self._entries)
 
-    async def lookup(self, db: str, docid: str) -> DocumentSummary | None:
-        """The document's summary, or None when the document or database is missing."""
+    async def lookup(self, db: str, docid: str) -> tuple[DocumentSummary | None, bool]:
+        """The document's summary (None: the document or database is missing), and whether it was cached."""
         key = (db, docid)
         epoch = self._feeds.live_epoch(db) if self.enabled and self._feeds is not None else None
         if self._entries is not None and epoch is not None:
             entry = self._entries.get(key)
             if entry is not None and entry.epoch == epoch:
                 self.hits += 1
-                return entry.summary
+                return entry.summary, True
         self.misses += 1
         flight = self._flights.get(key)
         if flight is None:
@@ -102,7 +104,7 @@ class DocumentCache:
             self._take_off(key, flight)
         waiter: Deferred[DocumentSummary | None] = Deferred()
         flight.waiters.append(waiter)
-        return await waiter
+        return await waiter, False
 
     def _take_off(self, key: Key, flight: _Flight) -> None:
         fetched = Deferred.fromCoroutine(self._fetch(*key))
@@ -133,8 +135,9 @@ class DocumentCache:
         flight = self._flights.get(key)
         if flight is not None:
             flight.stale = True
-        if self._entries is not None:
-            self._entries.pop(key, None)
+        if self._entries is not None and self._entries.pop(key, None) is not None:
+            self.evictions += 1
+            self.revocations += 1
 
     def drop_database(self, db: str) -> None:
         """The database's feed had a gap (or stopped): forget all its documents."""
@@ -143,4 +146,5 @@ class DocumentCache:
                 flight.stale = True
         if self._entries is not None:
             for key in [k for k in self._entries.keys() if k[0] == db]:
-                self._entries.pop(key, None)
+                if self._entries.pop(key, None) is not None:
+                    self.evictions += 1

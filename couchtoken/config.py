@@ -81,6 +81,11 @@ class Settings:
     cache_ttl: float = 600.0
     max_feeds: int = 100
     feed_heartbeat: float = 5.0
+    max_downloads: int = 1000
+    idle_timeout: float = 60.0
+    drain_timeout: float = 30.0
+    access_log_format: str = "combined"
+    metrics_port: str | None = None
 
     def describe(self) -> str:
         """One line for the start-up log, credentials masked."""
@@ -90,5 +95,8 @@ class Settings:
             f"response_timeout={self.response_timeout}s "
             f"max_connections_per_host={self.max_connections_per_host} "
             f"cache_size={self.cache_size} cache_ttl={self.cache_ttl}s "
-            f"max_feeds={self.max_feeds} feed_heartbeat={self.feed_heartbeat}s"
+            f"max_feeds={self.max_feeds} feed_heartbeat={self.feed_heartbeat}s "
+            f"max_downloads={self.max_downloads} idle_timeout={self.idle_timeout}s "
+            f"drain_timeout={self.drain_timeout}s log_format={self.access_log_format} "
+            f"metrics_port={self.metrics_port or 'public port'}"
         )

@@ -1,12 +1,13 @@
-"""The only way couchtoken talks to CouchDB: three kinds of GET, nothing else.
+"""The only way couchtoken talks to CouchDB: a few GETs, nothing else.
 
 ``fetch_document`` reads ``GET /<db>/<docid>``; ``open_attachment`` starts
 ``GET /<db>/<docid>/<attachment>?rev=<rev>`` and hands back the unread
 response so its body can be streamed; ``open_changes`` starts a database's
-continuous ``_changes`` feed.  A plain ``Agent`` is used rather than
-``treq.HTTPClient``, which always adds gzip decoding (and a cookie jar and
-redirects): attachment bytes must reach the client exactly as CouchDB sent
-them.  treq's body helpers are used to read what is buffered.
+continuous ``_changes`` feed; ``ping`` asks ``GET /`` for health checks.
+
+A plain ``Agent`` is used rather than ``treq.HTTPClient``, which always adds
+gzip decoding (and a cookie jar and redirects): attachment bytes must reach
+the client exactly as CouchDB sent them.  treq's body helpers are used to read what is buffered.
 """
 
 from __future__ import annotations
@@ -208,6 +209,16 @@ class CouchDBClient:
             self._get(url, self._headers(accept=b"application/json"), self._feed_agent)
         )
         return await self._with_timeout(d, "a changes feed request", timeout)
+
+    async def ping(self, timeout: float) -> bool:
+        """Whether CouchDB answers ``GET /`` with 200 within ``timeout`` seconds."""
+        try:
+            d = Deferred.fromCoroutine(self._get(self._url("/"), self._headers(accept=b"application/json")))
+            response = await self._with_timeout(d, "a health check", timeout)
+            await self.discard(response)
+            return response.code == 200
+        except UpstreamError:
+            return False
 
     async def discard(self, response: IResponse) -> None:
         """Read and drop a small body so the connection can be reused."""

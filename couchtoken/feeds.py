@@ -244,6 +244,7 @@ class FeedManager(MultiService):
         self._policy = policy
         self._feeds: OrderedDict[str, ChangesFeed] = OrderedDict()
         self._gone: TTLCache[str, bool] = TTLCache(maxsize=10_000, ttl=gone_hold, timer=clock.seconds)
+        self._retired_reconnects = 0
         self.on_change: OnChange = lambda db, docid: None
         self.on_gap: OnGap = lambda db: None
 
@@ -281,6 +282,7 @@ class FeedManager(MultiService):
     def _stop(self, db: str) -> None:
         feed = self.getServiceNamed(db) if db in self.namedServices else None
         if feed is not None:
+            self._retired_reconnects += feed.reconnects
             feed.disownServiceParent()  # stops it, which drops its entries
 
     def _changed(self, db: str, docid: str) -> None:
@@ -296,3 +298,12 @@ class FeedManager(MultiService):
 
     def feeds(self) -> list[ChangesFeed]:
         return list(self._feeds.values())
+
+    def connected(self) -> int:
+        """How many feeds are live now."""
+        return sum(1 for feed in self._feeds.values() if feed.live)
+
+    @property
+    def reconnects(self) -> int:
+        """Reconnections of every feed so far, stopped ones included."""
+        return self._retired_reconnects + sum(feed.reconnects for feed in self._feeds.values())

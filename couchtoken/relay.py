@@ -1,9 +1,10 @@
 """Stream an upstream response body to a client request with backpressure.
 
-The upstream transport is registered as the request's streaming producer, so
-when the client's socket buffer fills, Twisted pauses reading from CouchDB:
-memory stays flat however slow the client.  The relay can also cut a byte
-window out of the stream, for servers that ignore ``Range`` (PouchDB Server).
+The relay registers itself as the request's streaming producer and passes
+pause/resume on to the upstream transport, so when the client's socket
+buffer fills, Twisted stops reading from CouchDB: memory stays flat however
+slow the client.  It can also cut a byte window out of the stream, for
+servers that ignore ``Range`` (PouchDB Server).
 
 Endings:
 - upstream body complete: the returned Deferred fires and the response is
@@ -11,33 +12,67 @@ Endings:
 - upstream dies mid-body: the client connection is aborted, so the client
   sees a broken response, never a short body that looks complete;
 - client goes away (the Deferred is cancelled): the upstream connection is
-  closed at once instead of being drained.
+  closed at once instead of being drained;
+- client stops reading: after ``idle_timeout`` seconds paused, the client
+  connection is cut, which ends the download as above.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.iweb import IRequest, IResponse
+from zope.interface import implementer
 
 _log = Logger()
 
 
+@implementer(IPushProducer)
 class BodyRelay(Protocol):
     """Relays ``[skip, skip + limit)`` of an upstream body into ``request``."""
 
-    def __init__(self, request: IRequest, skip: int = 0, limit: int | None = None) -> None:
+    def __init__(
+        self,
+        request: IRequest,
+        skip: int = 0,
+        limit: int | None = None,
+        *,
+        clock: Any = None,
+        idle_timeout: float | None = None,
+        on_idle: Callable[[], None] = lambda: None,
+    ) -> None:
         self._request = request
         self._skip = skip
         self._remaining = limit
+        self._clock = clock
+        self._idle_timeout = idle_timeout
+        self._on_idle = on_idle
+        self._idle_call: Any = None
         self._ended = False
         self.done: Deferred[None] = Deferred(self._client_gone)
 
     def connectionMade(self) -> None:
-        self._request.registerProducer(self.transport, True)
+        self._request.registerProducer(self, True)
+
+    # IPushProducer, as seen by the client connection.
+    def pauseProducing(self) -> None:
+        if self._clock is not None and self._idle_timeout and self._idle_call is None:
+            self._idle_call = self._clock.callLater(self._idle_timeout, self._client_stuck)
+        self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._cancel_idle()
+        self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self._client_gone(self.done)
 
     def dataReceived(self, data: bytes) -> None:
         if self._ended:
@@ -72,12 +107,29 @@ class BodyRelay(Protocol):
         )
         # Aborting makes the client see an incomplete response.  ``done`` is
         # left pending: the lost connection makes Klein cancel it.
+        self._abort_client()
+
+    def _client_stuck(self) -> None:
+        self._idle_call = None
+        if self._ended:
+            return
+        _log.info("A client read nothing for {seconds:g}s; cutting its download", seconds=self._idle_timeout)
+        self._on_idle()
+        self._abort_client()
+
+    def _abort_client(self) -> None:
         transport = getattr(self._request, "transport", None)
         if transport is not None:
             transport.abortConnection()
 
+    def _cancel_idle(self) -> None:
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.cancel()
+        self._idle_call = None
+
     def _end(self) -> None:
         self._ended = True
+        self._cancel_idle()
         try:
             self._request.unregisterProducer()
         except (RuntimeError, AttributeError):
@@ -91,9 +143,12 @@ class BodyRelay(Protocol):
 
 
 def relay_body(
-    response: IResponse, request: IRequest, skip: int = 0, limit: int | None = None
+    response: IResponse, request: IRequest, skip: int = 0, limit: int | None = None, **idle: Any
 ) -> Deferred[None]:
-    """Start relaying ``response``'s body; the Deferred fires when it is all sent."""
-    relay = BodyRelay(request, skip, limit)
+    """Start relaying ``response``'s body; the Deferred fires when it is all sent.
+
+    ``idle`` takes ``clock``, ``idle_timeout`` and ``on_idle`` (see ``BodyRelay``).
+    """
+    relay = BodyRelay(request, skip, limit, **idle)
     response.deliverBody(relay)
     return relay.done

@@ -16,6 +16,7 @@ from twisted.application.service import MultiService, Service
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.web.server import Site
 
 from couchtoken.accesslog import DownloadSite
 from couchtoken.app import DownloadApp
@@ -30,6 +31,8 @@ from couchtoken.config import (
 )
 from couchtoken.couchdb import CouchDBClient
 from couchtoken.feeds import FeedManager
+from couchtoken.metrics import Metrics
+from couchtoken.ops import HealthCheck, OpsApp, OpsEndpoints
 
 _log = Logger()
 
@@ -52,6 +55,23 @@ def _count(value: str) -> int:
 
 
 _count.coerceDoc = "A whole number, 0 or more."  # type: ignore[attr-defined]
+
+
+def _log_format(value: str) -> str:
+    if value not in ("combined", "json"):
+        raise ValueError("must be combined or json")
+    return value
+
+
+_log_format.coerceDoc = "combined or json."  # type: ignore[attr-defined]
+
+
+def _read_url_file(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.read().strip()
+    except OSError as exc:
+        raise usage.UsageError(f"cannot read the CouchDB URL file {path}: {exc.strerror}") from None
 
 
 class Options(usage.Options):
@@ -115,14 +135,62 @@ class Options(usage.Options):
             "Seconds between the feeds' heartbeats; a feed silent for twice that plus 1 s reconnects.",
             _positive,
         ],
+        [
+            "couchdb-url-file",
+            None,
+            None,
+            "Read the CouchDB URL from this file instead (default: $COUCHDB_URL_FILE); "
+            "keeps the password off the command line, e.g. with systemd's LoadCredential=.",
+        ],
+        ["max-downloads", None, 1000, "Downloads served at once; past it, 503 with Retry-After.", _count],
+        [
+            "idle-timeout",
+            None,
+            60.0,
+            "Seconds a client may read nothing before its download is cut.",
+            _positive,
+        ],
+        [
+            "drain-timeout",
+            None,
+            30.0,
+            "On SIGTERM, seconds running downloads get to finish before they are cut.",
+            _positive,
+        ],
+        ["log-format", None, "combined", "Access log lines: combined (Apache style) or json.", _log_format],
+        [
+            "metrics-port",
+            None,
+            None,
+            "Endpoint serving /_metrics and /_health apart (e.g. tcp:9100:interface=127.0.0.1); "
+            "when given, /_metrics leaves the public port.",
+        ],
     ]
 
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
         super().__init__()
         self._environ = os.environ if environ is None else environ
 
+    def _couchdb_url(self) -> str:
+        """Command line first, then the environment; a URL or a file holding one, not both."""
+        for url, path, where in (
+            (self["couchdb-url"], self["couchdb-url-file"], "--couchdb-url and --couchdb-url-file"),
+            (
+                self._environ.get("COUCHDB_URL"),
+                self._environ.get("COUCHDB_URL_FILE"),
+                "COUCHDB_URL and _FILE",
+            ),
+        ):
+            if url and path:
+                raise usage.UsageError(f"give one of {where}, not both")
+            if url:
+                return url
+            if path:
+                return _read_url_file(path)
+        return DEFAULT_COUCHDB_URL
+
     def postOptions(self) -> None:
-        url = self["couchdb-url"] or self._environ.get("COUCHDB_URL") or DEFAULT_COUCHDB_URL
+        url = self._couchdb_url()
         field = self["token-field"] or self._environ.get("DOWNLOAD_TOKEN_KEY_NAME") or DEFAULT_TOKEN_FIELD
         try:
             self["settings"] = Settings(
@@ -135,6 +203,11 @@ class Options(usage.Options):
                 cache_ttl=self["cache-ttl"],
                 max_feeds=self["max-feeds"],
                 feed_heartbeat=self["feed-heartbeat"],
+                max_downloads=self["max-downloads"],
+                idle_timeout=self["idle-timeout"],
+                drain_timeout=self["drain-timeout"],
+                access_log_format=self["log-format"],
+                metrics_port=self["metrics-port"],
             )
         except ConfigError as exc:
             raise usage.UsageError(str(exc)) from None
@@ -158,20 +231,35 @@ class _CouchDBClientService(Service):
         return self._client.close()
 
 
+class _DrainService(Service):
+    """Stopped after the listening port: lets running downloads finish (``--drain-timeout``)."""
+
+    def __init__(self, app: DownloadApp, timeout: float) -> None:
+        self._app = app
+        self._timeout = timeout
+
+    def stopService(self) -> Any:
+        super().stopService()
+        return self._app.drain(self._timeout)
+
+
 @attrs.define
 class Couchtoken:
-    """The parts of a running couchtoken, wired together (everything but the listening port)."""
+    """The parts of a running couchtoken, wired together (everything but the listening ports)."""
 
     settings: Settings
     client: CouchDBClient
     feeds: FeedManager
     documents: DocumentCache
+    app: DownloadApp
+    metrics: Metrics
     site: DownloadSite
+    ops_site: Site
     service: MultiService
 
 
 def build(settings: Settings, reactor: Any) -> Couchtoken:
-    """Wire the CouchDB client, the feeds, the cache and the web site."""
+    """Wire the CouchDB client, the feeds, the cache, metrics and the web sites."""
     client = CouchDBClient(
         settings.couchdb,
         reactor,
@@ -190,11 +278,40 @@ def build(settings: Settings, reactor: Any) -> Couchtoken:
     )
     feeds.on_change = documents.evict
     feeds.on_gap = documents.drop_database
-    site = DownloadSite(DownloadApp(client, documents).resource(), reactor=reactor)
+    metrics = Metrics()
+    metrics.watch(
+        lambda: {
+            "cache_hits": documents.hits,
+            "cache_misses": documents.misses,
+            "cache_evictions": documents.evictions,
+            "revocations_applied": documents.revocations,
+            "feed_reconnects": feeds.reconnects,
+            "cache_entries": len(documents),
+            "feeds_connected": feeds.connected(),
+        }
+    )
+    health = HealthCheck(client, feeds, documents, reactor, timeout=min(settings.response_timeout, 5.0))
+    ops = OpsEndpoints(health, metrics)
+    app = DownloadApp(
+        client,
+        documents,
+        ops=ops,
+        metrics=metrics,
+        clock=reactor,
+        max_downloads=settings.max_downloads,
+        idle_timeout=settings.idle_timeout,
+        serve_metrics=settings.metrics_port is None,
+    )
+    site = DownloadSite(
+        app.resource(), metrics=metrics, log_format=settings.access_log_format, reactor=reactor
+    )
+    ops_site = Site(OpsApp(ops).resource(), reactor=reactor)
+    ops_site.log = lambda request: None  # polled every few seconds: not worth a log line
     service = MultiService()
     _CouchDBClientService(client, settings).setServiceParent(service)
     feeds.setServiceParent(service)
-    return Couchtoken(settings, client, feeds, documents, site, service)
+    _DrainService(app, settings.drain_timeout).setServiceParent(service)
+    return Couchtoken(settings, client, feeds, documents, app, metrics, site, ops_site, service)
 
 
 def makeService(config: Options, reactor: Any = None) -> MultiService:
@@ -203,7 +320,12 @@ def makeService(config: Options, reactor: Any = None) -> MultiService:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
-    app = build(config["settings"], reactor)
+    settings: Settings = config["settings"]
+    parts = build(settings, reactor)
+    # Stopping runs in reverse order: the ports close first, then downloads drain.
     endpoint = serverFromString(reactor, config["port"])
-    StreamServerEndpointService(endpoint, app.site).setServiceParent(app.service)
-    return app.service
+    StreamServerEndpointService(endpoint, parts.site).setServiceParent(parts.service)
+    if settings.metrics_port:
+        metrics_endpoint = serverFromString(reactor, settings.metrics_port)
+        StreamServerEndpointService(metrics_endpoint, parts.ops_site).setServiceParent(parts.service)
+    return parts.service

@@ -16,6 +16,7 @@ setup(
         "werkzeug>=3.0",
         "attrs>=23.1",
         "cachetools>=5.3",
+        "prometheus-client>=0.20",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-twisted>=1.14", "pytest-timeout>=2.3", "ruff>=0.6"],

@@ -13,6 +13,7 @@ from typing import Any
 
 from klein import Klein
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web.iweb import UNKNOWN_LENGTH, IRequest, IResponse
 from werkzeug.exceptions import NotFound
@@ -115,6 +116,8 @@ class DownloadApp:
         self._serve_metrics = serve_metrics
         self._active: set[IRequest] = set()
         self._drained: Deferred[None] | None = None
+        self._closing: list[Any] = []  # transports flushing their last bytes while draining
+        self._closing: list[Any] = []  # transports flushing their last bytes while draining
         self._log = Logger()
         metrics.in_flight.set_function(lambda: len(self._active))
 
@@ -162,29 +165,50 @@ class DownloadApp:
             return self._answer(request, HTTPAnswer(500, "internal_error", "internal error"))
         finally:
             self._active.discard(request)
-            if self._drained is not None and not self._active and not self._drained.called:
-                self._drained.callback(None)
+            if self._drained is not None and request.transport is not None:
+                # Klein finishes the response after this returns; then close the
+                # connection, which flushes what the client has not read yet.
+                self._closing.append(request.transport)
+                self._clock.callLater(0, request.transport.loseConnection)
 
     def drain(self, timeout: float) -> Deferred[None]:
-        """Refuse new downloads; fire when the running ones end, cutting them after ``timeout``."""
+        """Refuse new downloads; fire once the running ones are sent and flushed, or cut at ``timeout``."""
         if self._drained is None:
             self._drained = Deferred()
-            if not self._active:
-                self._drained.callback(None)
-            else:
+            if self._active:
                 self._log.info(
                     "Draining {count} download(s) for up to {timeout:g}s",
                     count=len(self._active),
                     timeout=timeout,
                 )
-                cut = self._clock.callLater(timeout, self._cut_remaining)
-                self._drained.addBoth(lambda result: cut.cancel() if cut.active() else None)
+            watch = LoopingCall(self._check_drained)
+            watch.clock = self._clock
+            watch.start(0.05)
+            cut = self._clock.callLater(timeout, self._cut_remaining)
+
+            def stop_watching(result: object) -> object:
+                watch.stop()
+                if cut.active():
+                    cut.cancel()
+                return result
+
+            self._drained.addBoth(stop_watching)
         return self._drained
 
+    def _check_drained(self) -> None:
+        self._closing = [t for t in self._closing if getattr(t, "connected", False)]
+        if not self._active and not self._closing and self._drained is not None and not self._drained.called:
+            self._drained.callback(None)
+
     def _cut_remaining(self) -> None:
-        self._log.warn("Drain timeout: cutting {count} download(s)", count=len(self._active))
+        self._log.warn(
+            "Drain timeout: cutting {count} download(s)", count=len(self._active) + len(self._closing)
+        )
         for request in list(self._active):
             request.transport.abortConnection()
+        for transport in self._closing:
+            transport.abortConnection()
+        self._closing = []
 
     def _answer(self, request: IRequest, answer: HTTPAnswer) -> bytes:
         body = json.dumps(answer.body, separators=(",", ":")).encode("ascii")

@@ -7,12 +7,13 @@ Options win over environment variables (``COUCHDB_URL``,
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Mapping
 from typing import Any
 
 import attrs
-from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
+from twisted.internet.defer import CancelledError
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
@@ -243,6 +244,71 @@ class _DrainService(Service):
         return self._app.drain(self._timeout)
 
 
+class _ExitCleanlyOnSigterm(Service):
+    """SIGTERM stops the reactor (so the drain runs) and the process exits 0.
+
+    Twisted's own handler makes the process die by the signal after shutdown;
+    a drained, orderly stop should end with status 0.  Installed once the
+    reactor runs, after Twisted has installed its own handlers.
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+
+    def startService(self) -> None:
+        super().startService()
+        self._reactor.callWhenRunning(signal.signal, signal.SIGTERM, self._terminate)
+
+    def _terminate(self, signum: int, frame: object) -> None:
+        _log.info("Received SIGTERM: closing the ports and draining downloads")
+        self._reactor.callFromThread(self._reactor.stop)
+
+
+class _ListeningPort(Service):
+    """Listens on an endpoint; one that cannot be opened stops the process with status 1.
+
+    (Twisted's StreamServerEndpointService only logs the failure and runs on
+    without a port; systemd's Restart=on-failure needs the process to exit.)
+    """
+
+    def __init__(self, endpoint: Any, factory: Any, reactor: Any, description: str) -> None:
+        self._endpoint = endpoint
+        self._factory = factory
+        self._reactor = reactor
+        self._description = description
+        self._listening: Any = None
+        self._port: Any = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self._listening = self._endpoint.listen(self._factory)
+        self._listening.addCallbacks(self._listened, self._failed)
+
+    def startService(self) -> None:
+        super().startService()
+        if self._listening is None:
+            self.privilegedStartService()
+
+    def stopService(self) -> Any:
+        super().stopService()
+        if self._port is not None:
+            port, self._port = self._port, None
+            return port.stopListening()
+        if self._listening is not None and not self._listening.called:
+            self._listening.cancel()
+        return None
+
+    def _listened(self, port: Any) -> None:
+        self._port = port
+
+    def _failed(self, failure: Any) -> None:
+        if failure.check(CancelledError):
+            return
+        _log.critical("Cannot listen on {port}: {why}", port=self._description, why=failure.getErrorMessage())
+        self._reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
+        self._reactor.callWhenRunning(self._reactor.stop)
+
+
 @attrs.define
 class Couchtoken:
     """The parts of a running couchtoken, wired together (everything but the listening ports)."""
@@ -323,9 +389,11 @@ def makeService(config: Options, reactor: Any = None) -> MultiService:
     settings: Settings = config["settings"]
     parts = build(settings, reactor)
     # Stopping runs in reverse order: the ports close first, then downloads drain.
-    endpoint = serverFromString(reactor, config["port"])
-    StreamServerEndpointService(endpoint, parts.site).setServiceParent(parts.service)
+    ports = [(config["port"], parts.site)]
     if settings.metrics_port:
-        metrics_endpoint = serverFromString(reactor, settings.metrics_port)
-        StreamServerEndpointService(metrics_endpoint, parts.ops_site).setServiceParent(parts.service)
+        ports.append((settings.metrics_port, parts.ops_site))
+    for description, site in ports:
+        endpoint = serverFromString(reactor, description)
+        _ListeningPort(endpoint, site, reactor, description).setServiceParent(parts.service)
+    _ExitCleanlyOnSigterm(reactor).setServiceParent(parts.service)
     return parts.service

@@ -1,0 +1,119 @@
+"""SIGTERM: the port closes, running downloads finish (up to --drain-timeout), the process exits 0."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+
+from tests.twistproc import TwistProcess
+
+TOKEN = "drain-token"
+SIZE = 16 * 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def movie(admin):
+    name = f"ct-drain-{os.getpid()}"
+    admin.create_db(name)
+    data = os.urandom(SIZE)
+    admin.put(name, "doc", {"download_token": TOKEN})
+    admin.put_attachment(name, "doc", "movie.bin", data, "video/mp4")
+    yield name, hashlib.sha256(data).hexdigest()
+    admin.delete_db(name)
+
+
+def _request(port: int, path: str) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    return sock
+
+
+def _split_head(sock: socket.socket) -> tuple[bytes, bytes]:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    return tuple(data.split(b"\r\n\r\n", 1))  # type: ignore[return-value]
+
+
+def _refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def test_sigterm_lets_a_running_download_finish_and_refuses_new_connections(movie, couch_server, tmp_path):
+    db, digest = movie
+    env = {"COUCHDB_URL": couch_server.url}
+    service = TwistProcess(tmp_path / "twist.log", ["--drain-timeout", "20"], env=env)
+    service.start()
+    try:
+        sock = _request(service.port, f"/{db}/doc/movie.bin?token={TOKEN}")
+        head, body = _split_head(sock)
+        assert head.startswith(b"HTTP/1.1 200")
+        service.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        while not _refused(service.port):
+            assert time.monotonic() < deadline, "the port still accepts connections"
+            body += sock.recv(65536)
+        # Keep reading, slowly enough that the download outlives the SIGTERM by a while.
+        started = time.monotonic()
+        while chunk := sock.recv(65536):
+            body += chunk
+            time.sleep(0.004)
+        sock.close()
+        assert time.monotonic() - started > 0.5
+        assert len(body) == SIZE, service.log()[-3000:]
+        assert hashlib.sha256(body).hexdigest() == digest
+        assert service.process.wait(30) == 0, service.log()[-2000:]
+    finally:
+        service.stop()
+    assert "draining" in service.log().lower()
+
+
+def test_downloads_still_running_at_the_drain_timeout_are_cut(movie, couch_server, tmp_path):
+    db, _ = movie
+    env = {"COUCHDB_URL": couch_server.url}
+    service = TwistProcess(tmp_path / "twist.log", ["--drain-timeout", "1"], env=env)
+    service.start()
+    try:
+        sock = _request(service.port, f"/{db}/doc/movie.bin?token={TOKEN}")
+        _split_head(sock)  # then read nothing more: the download cannot finish
+        stopped = time.monotonic()
+        service.process.send_signal(signal.SIGTERM)
+        assert service.process.wait(15) == 0, service.log()[-2000:]
+        assert 0.9 < time.monotonic() - stopped < 10
+        sock.settimeout(5)
+        received = 0
+        try:
+            while chunk := sock.recv(1 << 20):
+                received += len(chunk)
+        except (ConnectionResetError, TimeoutError):
+            pass
+        assert received < SIZE
+        sock.close()
+    finally:
+        service.stop()
+
+
+def test_a_port_that_cannot_be_opened_exits_with_status_1(tmp_path):
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    service = TwistProcess(tmp_path / "twist.log")
+    service.port = taken.getsockname()[1]
+    service.command[service.command.index("--port") + 1] = f"tcp:{service.port}:interface=127.0.0.1"
+    try:
+        result = subprocess.run(service.command, env=service.env, capture_output=True, text=True, timeout=30)
+    finally:
+        taken.close()
+    assert result.returncode == 1
+    assert "Cannot listen on" in result.stdout + result.stderr

@@ -61,7 +61,7 @@ def test_the_service_unit_keeps_secrets_off_the_command_line_and_hardens():
 
 
 def test_the_service_runs_on_an_inherited_listening_socket(couch_server, admin, db, tmp_path):
-    """systemd passes the socket as fd 3, with LISTEN_FDS, LISTEN_FDNAMES and LISTEN_PID (the service's pid)."""
+    """systemd passes the socket as fd 3, with LISTEN_FDS, LISTEN_FDNAMES and LISTEN_PID (its pid)."""
     admin.put(db, "doc", {"download_token": TOKEN})
     admin.put_attachment(db, "doc", "hello.txt", b"socket activated", "text/plain")
     listener = socket.socket()

@@ -20,6 +20,7 @@ from werkzeug.exceptions import NotFound
 from werkzeug.http import parse_accept_header
 
 from couchtoken.attachments import AttachmentInfo
+from couchtoken.blobs import BlobCache, BlobKey
 from couchtoken.cache import DocumentCache
 from couchtoken.conditional import UNSATISFIABLE, choose_range, none_match
 from couchtoken.couchdb import CouchDBClient, UpstreamError
@@ -104,9 +105,11 @@ class DownloadApp:
         clock: Any,
         max_downloads: int,
         idle_timeout: float,
+        blobs: BlobCache | None = None,
         serve_metrics: bool = True,
     ) -> None:
         self._couchdb = couchdb
+        self._blobs = blobs or BlobCache(0, 0)
         self._documents = documents
         self._ops = ops
         self._metrics = metrics
@@ -306,10 +309,17 @@ class DownloadApp:
             self._success_headers(request, info, etag)
             self._length_headers(request, info, window, accept_gzip)
             return b""
+        blob_key = (target.db, target.docid, target.attachment, info.digest) if info.digest else None
+        if blob_key is not None and self._blobs.wants(info.length):
+            body = self._blobs.get(blob_key)
+            if body is not None:
+                self._success_headers(request, info, etag)
+                self._length_headers(request, info, window, accept_gzip=False)
+                return body if window is None else body[window[0] : window[1]]
         response = await self._couchdb.open_attachment(
             target, rev, byte_range=window, accept_gzip=accept_gzip
         )
-        return await self._relay(request, response, info, window, etag)
+        return await self._relay(request, response, info, window, etag, blob_key)
 
     def _length_headers(
         self,
@@ -337,8 +347,13 @@ class DownloadApp:
         info: AttachmentInfo,
         window: tuple[int, int] | None,
         etag: str | None,
+        blob_key: BlobKey | None = None,
     ) -> bytes | None:
-        """Check CouchDB's answer, then stream it (sliced to ``window`` if CouchDB sent it all)."""
+        """Check CouchDB's answer, then stream it (sliced to ``window`` if CouchDB sent it all).
+
+        A small, whole, identity-encoded body whose ETag matches the checked
+        digest is kept in the blob cache as it streams past.
+        """
         if response.code == 404:
             await self._couchdb.discard(response)
             raise _StaleRevision()
@@ -364,6 +379,15 @@ class DownloadApp:
                 request.setHeader(b"content-encoding", encoding)
             if response.length is not UNKNOWN_LENGTH:
                 request.setHeader(b"content-length", b"%d" % response.length)
+        keep = (
+            blob_key is not None
+            and window is None
+            and encoding in (None, b"identity")
+            and upstream_etag is not None
+            and upstream_etag.decode("latin-1") == etag
+            and self._blobs.wants(info.length)
+        )
+        tee: list[bytes] | None = [] if keep else None
         await relay_body(
             response,
             request,
@@ -372,7 +396,12 @@ class DownloadApp:
             clock=self._clock,
             idle_timeout=self._idle_timeout,
             on_idle=self._metrics.idle_disconnects.inc,
+            tee=tee,
         )
+        if tee is not None and blob_key is not None:
+            body = b"".join(tee)
+            if len(body) == info.length:
+                self._blobs.put(blob_key, body)
         return None
 
 

@@ -47,8 +47,10 @@ class BodyRelay(Protocol):
         clock: Any = None,
         idle_timeout: float | None = None,
         on_idle: Callable[[], None] = lambda: None,
+        tee: list[bytes] | None = None,
     ) -> None:
         self._request = request
+        self._tee = tee
         self._skip = skip
         self._remaining = limit
         self._clock = clock
@@ -88,6 +90,8 @@ class BodyRelay(Protocol):
             self._remaining -= len(data)
         if data:
             self._request.write(data)
+            if self._tee is not None:
+                self._tee.append(data)
         if self._remaining == 0:
             # The window is complete; the rest of the upstream body is not needed.
             self._end()
@@ -143,12 +147,13 @@ class BodyRelay(Protocol):
 
 
 def relay_body(
-    response: IResponse, request: IRequest, skip: int = 0, limit: int | None = None, **idle: Any
+    response: IResponse, request: IRequest, skip: int = 0, limit: int | None = None, **extra: Any
 ) -> Deferred[None]:
     """Start relaying ``response``'s body; the Deferred fires when it is all sent.
 
-    ``idle`` takes ``clock``, ``idle_timeout`` and ``on_idle`` (see ``BodyRelay``).
+    ``extra`` takes ``clock``, ``idle_timeout``, ``on_idle`` and ``tee`` (a list that
+    collects what is sent) (see ``BodyRelay``).
     """
-    relay = BodyRelay(request, skip, limit, **idle)
+    relay = BodyRelay(request, skip, limit, **extra)
     response.deliverBody(relay)
     return relay.done

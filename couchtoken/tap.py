@@ -21,6 +21,7 @@ from twisted.web.server import Site
 
 from couchtoken.accesslog import DownloadSite
 from couchtoken.app import DownloadApp
+from couchtoken.blobs import BlobCache
 from couchtoken.cache import DocumentCache
 from couchtoken.config import (
     DEFAULT_COUCHDB_URL,
@@ -160,6 +161,20 @@ class Options(usage.Options):
         ],
         ["log-format", None, "combined", "Access log lines: combined (Apache style) or json.", _log_format],
         [
+            "blob-cache-bytes",
+            None,
+            64 * 1024 * 1024,
+            "Bytes of small attachment bodies kept in memory (0 turns the blob cache off).",
+            _count,
+        ],
+        [
+            "blob-cache-max-item",
+            None,
+            256 * 1024,
+            "Largest attachment body, in bytes, the blob cache keeps.",
+            _count,
+        ],
+        [
             "metrics-port",
             None,
             None,
@@ -209,6 +224,8 @@ class Options(usage.Options):
                 drain_timeout=self["drain-timeout"],
                 access_log_format=self["log-format"],
                 metrics_port=self["metrics-port"],
+                blob_cache_bytes=self["blob-cache-bytes"],
+                blob_cache_max_item=self["blob-cache-max-item"],
             )
         except ConfigError as exc:
             raise usage.UsageError(str(exc)) from None
@@ -319,6 +336,7 @@ class Couchtoken:
     documents: DocumentCache
     app: DownloadApp
     metrics: Metrics
+    blobs: BlobCache
     site: DownloadSite
     ops_site: Site
     service: MultiService
@@ -344,6 +362,7 @@ def build(settings: Settings, reactor: Any) -> Couchtoken:
     )
     feeds.on_change = documents.evict
     feeds.on_gap = documents.drop_database
+    blobs = BlobCache(settings.blob_cache_bytes, settings.blob_cache_max_item)
     metrics = Metrics()
     metrics.watch(
         lambda: {
@@ -354,6 +373,9 @@ def build(settings: Settings, reactor: Any) -> Couchtoken:
             "feed_reconnects": feeds.reconnects,
             "cache_entries": len(documents),
             "feeds_connected": feeds.connected(),
+            "blob_cache_hits": blobs.hits,
+            "blob_cache_misses": blobs.misses,
+            "blob_cache_bytes": blobs.bytes_held,
         }
     )
     health = HealthCheck(client, feeds, documents, reactor, timeout=min(settings.response_timeout, 5.0))
@@ -366,6 +388,7 @@ def build(settings: Settings, reactor: Any) -> Couchtoken:
         clock=reactor,
         max_downloads=settings.max_downloads,
         idle_timeout=settings.idle_timeout,
+        blobs=blobs,
         serve_metrics=settings.metrics_port is None,
     )
     site = DownloadSite(
@@ -377,7 +400,7 @@ def build(settings: Settings, reactor: Any) -> Couchtoken:
     _CouchDBClientService(client, settings).setServiceParent(service)
     feeds.setServiceParent(service)
     _DrainService(app, settings.drain_timeout).setServiceParent(service)
-    return Couchtoken(settings, client, feeds, documents, app, metrics, site, ops_site, service)
+    return Couchtoken(settings, client, feeds, documents, app, metrics, blobs, site, ops_site, service)
 
 
 def makeService(config: Options, reactor: Any = None) -> MultiService:

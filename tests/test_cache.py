@@ -57,7 +57,7 @@ def doc(admin, db):
 
 @pytest_twisted.ensureDeferred
 async def test_warm_downloads_make_only_the_attachment_request(start_service, db, doc):
-    service = await start_service(feed_heartbeat=HEARTBEAT)
+    service = await start_service(feed_heartbeat=HEARTBEAT, blob_cache_bytes=0)
     await warm(service, db)
     docs_before = len(doc_requests(service, db))
     atts_before = len(attachment_requests(service, db))

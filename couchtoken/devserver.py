@@ -10,13 +10,14 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import os
 import secrets
 import shutil
 import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 from urllib.parse import quote, urlsplit
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,7 +51,7 @@ class CouchAdmin:
         self,
         method: str,
         path: str,
-        body: bytes | dict[str, Any] | None = None,
+        body: bytes | BinaryIO | dict[str, Any] | None = None,
         headers: dict[str, str] | None = None,
         timeout: float = 30,
     ) -> tuple[int, dict[str, str], bytes]:
@@ -99,13 +100,22 @@ class CouchAdmin:
         return self.json("PUT", self.doc_path(db, docid), body)["rev"]
 
     def put_attachment(
-        self, db: str, docid: str, name: str, data: bytes, content_type: str = "application/octet-stream"
+        self,
+        db: str,
+        docid: str,
+        name: str,
+        data: bytes | BinaryIO,
+        content_type: str = "application/octet-stream",
     ) -> str:
+        """Store an attachment; ``data`` may be an open file, streamed rather than read whole."""
         current = self.get(db, docid)
         path = self.doc_path(db, docid) + "/" + "/".join(quote(p, safe="") for p in name.split("/"))
         if current is not None:
             path += "?rev=" + quote(current["_rev"], safe="")
-        status, _, raw = self.request("PUT", path, data, {"Content-Type": content_type}, timeout=600)
+        headers = {"Content-Type": content_type}
+        if not isinstance(data, bytes):
+            headers["Content-Length"] = str(os.fstat(data.fileno()).st_size)
+        status, _, raw = self.request("PUT", path, data, headers, timeout=600)
         if status >= 400:
             raise RuntimeError(f"attachment PUT -> {status} {raw[:200]!r}")
         return json.loads(raw)["rev"]

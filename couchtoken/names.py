@@ -57,7 +57,7 @@ def _decode(segment: bytes, what: str) -> str:
         raise BadPath(f"{what} is empty")
     if _CONTROL.search(text):
         raise BadPath(f"{what} holds a control character")
-    if any(part in (".", "..") for part in text.split("/")):
+    if "." in text and any(part in (".", "..") for part in text.split("/")):
         raise BadPath(f"{what} holds a '.' or '..' segment")
     return text
 

@@ -18,6 +18,7 @@ from urllib.parse import unquote_to_bytes
 from twisted.logger import Logger
 from twisted.web import server
 
+from couchtoken.channel import GuardedHTTPChannel
 from couchtoken.metrics import Metrics
 
 _SHOWN_QUERY_KEYS = frozenset({b"download"})
@@ -101,9 +102,10 @@ class LoggedRequest(server.Request):
 
 
 class DownloadSite(server.Site):
-    """A Site whose access log is ``LoggedRequest``'s redacted line."""
+    """A Site whose access log is ``LoggedRequest``'s redacted line, on guarded connections."""
 
     requestFactory = LoggedRequest
+    protocol = GuardedHTTPChannel  # HTTP/1.1 only: no HTTP/2 negotiation wrapper
     displayTracebacks = False
 
     def __init__(

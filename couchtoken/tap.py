@@ -38,6 +38,9 @@ from couchtoken.ops import HealthCheck, OpsApp, OpsEndpoints
 
 _log = Logger()
 
+# Seconds a keep-alive connection may sit idle between requests (Twisted's default is 12 hours).
+IDLE_CONNECTION_TIMEOUT = 60
+
 
 def _positive(value: str) -> float:
     number = float(value)

@@ -50,6 +50,11 @@ class LoggedRequest(server.Request):
 
     cache_status = "-"
 
+    def __repr__(self) -> str:
+        # Twisted puts requests in some of its own log lines: never with the token.
+        method = self.method.decode("ascii", "replace") if self.method else "?"
+        return f"<LoggedRequest {method} {redact_uri(self.uri or b'')}>"
+
     def process(self) -> None:
         self._clock = self.channel.factory.reactor  # type: ignore[union-attr]
         self._started = self._clock.seconds()

@@ -25,7 +25,7 @@ class CouchDBServer:
     """Where CouchDB is, and the credentials to send it (kept out of ``repr``)."""
 
     base_url: str
-    authorization: bytes | None = attrs.field(default=None, eq=False)
+    authorization: bytes | None = attrs.field(default=None, eq=False, repr=False)
 
     @classmethod
     def from_url(cls, url: str) -> CouchDBServer:

@@ -92,15 +92,17 @@ class RunningService:
         return await fetch(*args, **kwargs)
 
 
-@pytest.fixture
-def start_service(couch_server: CouchServer) -> Iterator[Any]:
-    """Start the service (through a recording FaultProxy unless ``couchdb_url`` is given)."""
-    running: list[RunningService] = []
+class ServiceStarter:
+    """Starts services (through a recording FaultProxy unless ``couchdb_url`` is given), stops them all."""
 
-    async def start(couchdb_url: str | None = None, **options: Any) -> RunningService:
+    def __init__(self, couch_server: CouchServer) -> None:
+        self._couch_server = couch_server
+        self.running: list[RunningService] = []
+
+    async def start(self, couchdb_url: str | None = None, **options: Any) -> RunningService:
         proxy = None
         if couchdb_url is None:
-            admin = couch_server.admin
+            admin = self._couch_server.admin
             proxy = FaultProxy(global_reactor, admin.host, admin.port)
             await proxy.start()
             creds = f"{quote(admin.user or '', safe='')}:{quote(admin.password or '', safe='')}@"
@@ -108,25 +110,29 @@ def start_service(couch_server: CouchServer) -> Iterator[Any]:
         settings = Settings(couchdb=CouchDBServer.from_url(couchdb_url), **options)
         app = build(settings, global_reactor)
         app.service.startService()
-        port = await TCP4ServerEndpoint(global_reactor, 0, backlog=1024, interface="127.0.0.1").listen(
-            app.site
-        )
+        endpoint = TCP4ServerEndpoint(global_reactor, 0, backlog=1024, interface="127.0.0.1")
+        port = await endpoint.listen(app.site)
         service = RunningService(
             base_url=f"http://127.0.0.1:{port.getHost().port}", proxy=proxy, app=app, port=port
         )
-        running.append(service)
+        self.running.append(service)
         return service
 
-    yield start
-
-    async def stop_all() -> None:
-        for service in running:
+    async def stop_all(self) -> None:
+        for service in self.running:
             await service.port.stopListening()
             await service.app.service.stopService()
             if service.proxy is not None:
                 await service.proxy.stop()
+        self.running = []
 
-    pytest_twisted.blockon(ensureDeferred(stop_all()))
+
+@pytest.fixture
+def start_service(couch_server: CouchServer) -> Iterator[Any]:
+    """``await start_service(**settings)``: a running service, stopped after the test."""
+    starter = ServiceStarter(couch_server)
+    yield starter.start
+    pytest_twisted.blockon(ensureDeferred(starter.stop_all()))
 
 
 @pytest.fixture

@@ -105,6 +105,7 @@ class DownloadApp:
         clock: Any,
         max_downloads: int,
         idle_timeout: float,
+        upstream_timeout: float = 30.0,
         blobs: BlobCache | None = None,
         serve_metrics: bool = True,
     ) -> None:
@@ -116,6 +117,7 @@ class DownloadApp:
         self._clock = clock
         self._max_downloads = max_downloads
         self._idle_timeout = idle_timeout
+        self._upstream_timeout = upstream_timeout
         self._serve_metrics = serve_metrics
         self._active: set[IRequest] = set()
         self._drained: Deferred[None] | None = None
@@ -397,6 +399,7 @@ class DownloadApp:
             idle_timeout=self._idle_timeout,
             on_idle=self._metrics.idle_disconnects.inc,
             tee=tee,
+            upstream_timeout=self._upstream_timeout,
         )
         if tee is not None and blob_key is not None:
             body = b"".join(tee)

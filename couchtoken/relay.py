@@ -14,7 +14,10 @@ Endings:
 - client goes away (the Deferred is cancelled): the upstream connection is
   closed at once instead of being drained;
 - client stops reading: after ``idle_timeout`` seconds paused, the client
-  connection is cut, which ends the download as above.
+  connection is cut, which ends the download as above;
+- CouchDB stops sending mid-body while the client is reading: after
+  ``upstream_timeout`` seconds of silence the client connection is aborted
+  and the upstream closed.
 """
 
 from __future__ import annotations
@@ -48,9 +51,13 @@ class BodyRelay(Protocol):
         idle_timeout: float | None = None,
         on_idle: Callable[[], None] = lambda: None,
         tee: list[bytes] | None = None,
+        upstream_timeout: float | None = None,
     ) -> None:
         self._request = request
         self._tee = tee
+        self._upstream_timeout = upstream_timeout
+        self._stall_call: Any = None
+        self._paused = False
         self._skip = skip
         self._remaining = limit
         self._clock = clock
@@ -62,16 +69,43 @@ class BodyRelay(Protocol):
 
     def connectionMade(self) -> None:
         self._request.registerProducer(self, True)
+        self._expect_upstream()
 
     # IPushProducer, as seen by the client connection.
     def pauseProducing(self) -> None:
+        self._paused = True
+        self._cancel(self._stall_call)  # silence from CouchDB is our doing now
+        self._stall_call = None
         if self._clock is not None and self._idle_timeout and self._idle_call is None:
             self._idle_call = self._clock.callLater(self._idle_timeout, self._client_stuck)
         self.transport.pauseProducing()
 
     def resumeProducing(self) -> None:
+        self._paused = False
         self._cancel_idle()
+        self._expect_upstream()
         self.transport.resumeProducing()
+
+    def _expect_upstream(self) -> None:
+        """(Re)start the wait for CouchDB's next bytes."""
+        if self._clock is None or not self._upstream_timeout or self._paused or self._ended:
+            return
+        if self._stall_call is not None and self._stall_call.active():
+            self._stall_call.reset(self._upstream_timeout)
+        else:
+            self._stall_call = self._clock.callLater(self._upstream_timeout, self._upstream_stalled)
+
+    def _upstream_stalled(self) -> None:
+        self._stall_call = None
+        if self._ended:
+            return
+        _log.warn(
+            "CouchDB sent no attachment bytes for {seconds:g}s; aborting the client response",
+            seconds=self._upstream_timeout,
+        )
+        self._end()
+        self.transport.stopProducing()
+        self._abort_client()
 
     def stopProducing(self) -> None:
         self._client_gone(self.done)
@@ -79,6 +113,7 @@ class BodyRelay(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._ended:
             return
+        self._expect_upstream()
         if self._skip:
             if len(data) <= self._skip:
                 self._skip -= len(data)
@@ -126,14 +161,20 @@ class BodyRelay(Protocol):
         if transport is not None:
             transport.abortConnection()
 
+    @staticmethod
+    def _cancel(call: Any) -> None:
+        if call is not None and call.active():
+            call.cancel()
+
     def _cancel_idle(self) -> None:
-        if self._idle_call is not None and self._idle_call.active():
-            self._idle_call.cancel()
+        self._cancel(self._idle_call)
         self._idle_call = None
 
     def _end(self) -> None:
         self._ended = True
         self._cancel_idle()
+        self._cancel(self._stall_call)
+        self._stall_call = None
         try:
             self._request.unregisterProducer()
         except (RuntimeError, AttributeError):
@@ -151,8 +192,8 @@ def relay_body(
 ) -> Deferred[None]:
     """Start relaying ``response``'s body; the Deferred fires when it is all sent.
 
-    ``extra`` takes ``clock``, ``idle_timeout``, ``on_idle`` and ``tee`` (a list that
-    collects what is sent) (see ``BodyRelay``).
+    ``extra`` takes ``clock``, ``idle_timeout``, ``on_idle``, ``upstream_timeout``
+    and ``tee`` (a list that collects what is sent); see ``BodyRelay``.
     """
     relay = BodyRelay(request, skip, limit, **extra)
     response.deliverBody(relay)

@@ -108,7 +108,8 @@ class Options(usage.Options):
             "response-timeout",
             None,
             30.0,
-            "Seconds to wait for CouchDB's response headers, or a whole document (then 504).",
+            "Seconds to wait for CouchDB's response headers or a whole document (then 504), "
+            "and the longest silence allowed in the middle of an attachment.",
             _positive,
         ],
         ["max-connections", None, 32, "Persistent connections kept open to CouchDB.", int],
@@ -391,6 +392,7 @@ def build(settings: Settings, reactor: Any) -> Couchtoken:
         clock=reactor,
         max_downloads=settings.max_downloads,
         idle_timeout=settings.idle_timeout,
+        upstream_timeout=settings.response_timeout,
         blobs=blobs,
         serve_metrics=settings.metrics_port is None,
     )

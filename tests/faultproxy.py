@@ -34,7 +34,9 @@ class Fault:
     answer), ``reset`` (drop the connection), ``cut`` (forward, then drop
     the connection after ``after`` bytes of the response), ``inject`` (add
     raw ``headers`` lines to the response), ``delay`` (hold the request
-    ``seconds`` before forwarding it).
+    ``seconds`` before forwarding it), ``stall-after-headers`` (forward the
+    response head, then nothing), ``throttle`` (pass the response on at
+    ``rate`` bytes a second).
     """
 
     kind: str
@@ -42,6 +44,7 @@ class Fault:
     after: int = 0
     headers: bytes = b""
     seconds: float = 0.0
+    rate: int = 0
 
 
 class _ToUpstream(protocol.Protocol):
@@ -71,6 +74,10 @@ class _FromService(protocol.Protocol):
         self.inject = b""
         self.delay = 0.0
         self.held: list[bytes] | None = None
+        self.stall_after_head = False
+        self.head_seen = b""
+        self.rate = 0
+        self.throttled = b""
 
     def connectionMade(self) -> None:
         self.proxy.connections.append(self)
@@ -122,6 +129,20 @@ class _FromService(protocol.Protocol):
             self.inject = fault.headers
         elif fault.kind == "delay":
             self.delay = fault.seconds
+        elif fault.kind == "stall-after-headers":
+            self.stall_after_head = True
+        elif fault.kind == "throttle":
+            self.rate = fault.rate
+
+    def _trickle(self) -> None:
+        """Pass on a tenth of a second's worth of throttled bytes."""
+        if not self.open or not self.throttled:
+            return
+        step = max(1, self.rate // 10)
+        data, self.throttled = self.throttled[:step], self.throttled[step:]
+        self.transport.write(data)
+        if self.throttled:
+            self.proxy.reactor.callLater(0.1, self._trickle)
 
     def _release(self) -> None:
         held, self.held = self.held or [], None
@@ -149,6 +170,18 @@ class _FromService(protocol.Protocol):
 
     def from_upstream(self, data: bytes) -> None:
         if self.swallow:
+            return
+        if self.stall_after_head:
+            self.head_seen += data
+            if b"\r\n\r\n" in self.head_seen:
+                head = self.head_seen.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"
+                self.transport.write(head)
+                self.swallow = True
+            return
+        if self.rate:
+            if not self.throttled:
+                self.proxy.reactor.callLater(0, self._trickle)
+            self.throttled += data
             return
         if self.inject and b"\r\n" in data:
             status_line, rest = data.split(b"\r\n", 1)

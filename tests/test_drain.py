@@ -56,27 +56,34 @@ def test_sigterm_lets_a_running_download_finish_and_refuses_new_connections(movi
     service = TwistProcess(tmp_path / "twist.log", ["--drain-timeout", "20"], env=env)
     service.start()
     try:
-        sock = _request(service.port, f"/{db}/doc/movie.bin?token={TOKEN}")
-        head, body = _split_head(sock)
-        assert head.startswith(b"HTTP/1.1 200")
-        service.process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 5
-        while not _refused(service.port):
-            assert time.monotonic() < deadline, "the port still accepts connections"
-            body += sock.recv(65536)
-        # Keep reading, slowly enough that the download outlives the SIGTERM by a while.
-        started = time.monotonic()
-        while chunk := sock.recv(65536):
-            body += chunk
-            time.sleep(0.004)
-        sock.close()
-        assert time.monotonic() - started > 0.5
-        assert len(body) == SIZE, service.log()[-3000:]
-        assert hashlib.sha256(body).hexdigest() == digest
-        assert service.process.wait(30) == 0, service.log()[-2000:]
+        _drain_one_download(service, db, digest)
+    except (OSError, AssertionError) as exc:
+        pytest.fail(f"{exc!r}\n{service.log()[-4000:]}")
     finally:
         service.stop()
     assert "draining" in service.log().lower()
+
+
+def _drain_one_download(service: TwistProcess, db: str, digest: str) -> None:
+    """Start a download, SIGTERM the service, and read the rest slowly."""
+    sock = _request(service.port, f"/{db}/doc/movie.bin?token={TOKEN}")
+    head, body = _split_head(sock)
+    assert head.startswith(b"HTTP/1.1 200")
+    service.process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 5
+    while not _refused(service.port):
+        assert time.monotonic() < deadline, "the port still accepts connections"
+        body += sock.recv(65536)
+    # Keep reading, slowly enough that the download outlives the SIGTERM by a while.
+    started = time.monotonic()
+    while chunk := sock.recv(65536):
+        body += chunk
+        time.sleep(0.004)
+    sock.close()
+    assert time.monotonic() - started > 0.5
+    assert len(body) == SIZE
+    assert hashlib.sha256(body).hexdigest() == digest
+    assert service.process.wait(30) == 0
 
 
 def test_downloads_still_running_at_the_drain_timeout_are_cut(movie, couch_server, tmp_path):

@@ -147,3 +147,63 @@ async def test_a_compressed_answer_to_a_range_is_a_clean_502(service, db, doc):
     assert reply.json()["error"] == "bad_gateway"
     for header in ("content-encoding", "etag", "content-range", "accept-ranges"):
         assert reply.header(header) is None, header
+
+
+def couchtoken_warnings(events):
+    return [
+        e
+        for e in events
+        if e.get("log_level") is not None
+        and e["log_level"].name in ("warn", "error", "critical")
+        and e.get("log_namespace", "").startswith("couchtoken")
+    ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_upstream_stalling_after_the_headers_is_an_aborted_response(start_service, db, doc, logged):
+    service = await start_service(response_timeout=1.0)
+    service.proxy.fault = Fault("stall-after-headers", matches=lambda target: "file.txt" in target)
+    started = time.monotonic()
+    with pytest.raises(ResponseFailed):
+        await fetch(service.url(db, doc, "file.txt", TOKEN))
+    assert time.monotonic() - started < 5
+    assert len(couchtoken_warnings(logged)) == 1
+    assert "no attachment bytes" in couchtoken_warnings(logged)[0]["log_format"]
+    service.proxy.fault = None
+    reply = await fetch(service.url(db, doc, "file.txt", TOKEN))
+    assert (reply.status, len(reply.body)) == (200, 300_000)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_bandwidth_capped_upstream_still_delivers_byte_exact(service, admin, db, doc):
+    service.proxy.fault = Fault("throttle", matches=lambda target: "file.txt" in target, rate=400_000)
+    started = time.monotonic()
+    reply = await fetch(service.url(db, doc, "file.txt", TOKEN))
+    assert (reply.status, reply.body) == (200, b"x" * 300_000)
+    assert time.monotonic() - started > 0.5
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize(
+    "fault,expect",
+    [
+        (Fault("garbage", matches=lambda target: "_changes" not in target), 502),
+        (Fault("reset", matches=lambda target: "_changes" not in target), 502),
+        (Fault("cut", matches=lambda target: "file.txt" in target, after=100_000), "aborted"),
+    ],
+    ids=["garbage-status-line", "reset-before-headers", "reset-mid-body"],
+)
+async def test_each_fault_gets_its_answer_one_log_line_and_then_recovery(
+    service, db, doc, logged, fault, expect
+):
+    service.proxy.fault = fault
+    try:
+        reply = await fetch(service.url(db, doc, "file.txt", TOKEN))
+        outcome = reply.status
+    except ResponseFailed:
+        outcome = "aborted"
+    assert outcome == expect
+    assert len(couchtoken_warnings(logged)) == 1, [e["log_format"] for e in couchtoken_warnings(logged)]
+    service.proxy.fault = None
+    reply = await fetch(service.url(db, doc, "file.txt", TOKEN))
+    assert (reply.status, len(reply.body)) == (200, 300_000)

@@ -170,11 +170,15 @@ class DownloadApp:
             return self._answer(request, HTTPAnswer(500, "internal_error", "internal error"))
         finally:
             self._active.discard(request)
-            if self._drained is not None and request.transport is not None:
+            channel = getattr(request, "channel", None)
+            if self._drained is not None and channel is not None and channel.transport is not None:
                 # Klein finishes the response after this returns; then close the
-                # connection, which flushes what the client has not read yet.
-                self._closing.append(request.transport)
-                self._clock.callLater(0, request.transport.loseConnection)
+                # connection (keep-alive or not), which first flushes what the
+                # client has not read yet.  The channel's own loseConnection
+                # unregisters it as the transport's producer; the transport's
+                # would wait for that for ever.
+                self._closing.append(channel.transport)
+                self._clock.callLater(0, channel.loseConnection)
 
     def drain(self, timeout: float) -> Deferred[None]:
         """Refuse new downloads; fire once the running ones are sent and flushed, or cut at ``timeout``."""
@@ -203,6 +207,7 @@ class DownloadApp:
     def _check_drained(self) -> None:
         self._closing = [t for t in self._closing if getattr(t, "connected", False)]
         if not self._active and not self._closing and self._drained is not None and not self._drained.called:
+            self._log.info("Drained: every download is sent")
             self._drained.callback(None)
 
     def _cut_remaining(self) -> None:

@@ -28,10 +28,10 @@ def movie(admin):
     admin.delete_db(name)
 
 
-def _request(port: int, path: str) -> socket.socket:
+def _request(port: int, path: str, connection: str = "close") -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
-    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: {connection}\r\n\r\n".encode())
     return sock
 
 
@@ -50,13 +50,16 @@ def _refused(port: int) -> bool:
     return False
 
 
-def test_sigterm_lets_a_running_download_finish_and_refuses_new_connections(movie, couch_server, tmp_path):
+@pytest.mark.parametrize("connection", ["close", "keep-alive"])
+def test_sigterm_lets_a_running_download_finish_and_refuses_new_connections(
+    movie, couch_server, tmp_path, connection
+):
     db, digest = movie
     env = {"COUCHDB_URL": couch_server.url}
     service = TwistProcess(tmp_path / "twist.log", ["--drain-timeout", "20"], env=env)
     service.start()
     try:
-        _drain_one_download(service, db, digest)
+        _drain_one_download(service, db, digest, connection)
     except (OSError, AssertionError) as exc:
         pytest.fail(f"{exc!r}\n{service.log()[-4000:]}")
     finally:
@@ -64,9 +67,9 @@ def test_sigterm_lets_a_running_download_finish_and_refuses_new_connections(movi
     assert "draining" in service.log().lower()
 
 
-def _drain_one_download(service: TwistProcess, db: str, digest: str) -> None:
-    """Start a download, SIGTERM the service, and read the rest slowly."""
-    sock = _request(service.port, f"/{db}/doc/movie.bin?token={TOKEN}")
+def _drain_one_download(service: TwistProcess, db: str, digest: str, connection: str) -> None:
+    """Start a download, SIGTERM the service, read the rest slowly; the service then exits at once."""
+    sock = _request(service.port, f"/{db}/doc/movie.bin?token={TOKEN}", connection)
     head, body = _split_head(sock)
     assert head.startswith(b"HTTP/1.1 200")
     service.process.send_signal(signal.SIGTERM)
@@ -76,14 +79,16 @@ def _drain_one_download(service: TwistProcess, db: str, digest: str) -> None:
         body += sock.recv(65536)
     # Keep reading, slowly enough that the download outlives the SIGTERM by a while.
     started = time.monotonic()
-    while chunk := sock.recv(65536):
+    while len(body) < SIZE and (chunk := sock.recv(65536)):
         body += chunk
         time.sleep(0.004)
-    sock.close()
     assert time.monotonic() - started > 0.5
     assert len(body) == SIZE
     assert hashlib.sha256(body).hexdigest() == digest
+    done = time.monotonic()
     assert service.process.wait(30) == 0
+    assert time.monotonic() - done < 5, "the drain waited for the idle connection to time out"
+    sock.close()
 
 
 def test_downloads_still_running_at_the_drain_timeout_are_cut(movie, couch_server, tmp_path):

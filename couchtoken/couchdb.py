@@ -116,9 +116,9 @@ class CouchDBClient:
         self.pool._factory = _QuietClientFactory  # a documented, if private, ivar
         self._agent = Agent(reactor, connectTimeout=connect_timeout, pool=self.pool)
         # Feeds hold their connection for as long as they live: keep them out of the pool.
-        self._feed_agent = Agent(
-            reactor, connectTimeout=connect_timeout, pool=HTTPConnectionPool(reactor, persistent=False)
-        )
+        feed_pool = HTTPConnectionPool(reactor, persistent=False)
+        feed_pool._factory = _QuietClientFactory
+        self._feed_agent = Agent(reactor, connectTimeout=connect_timeout, pool=feed_pool)
         self._log = Logger()
 
     def __repr__(self) -> str:

@@ -55,3 +55,21 @@ async def fetch(url: str, method: str = "GET", headers: dict[str, str] | None = 
     if response.length is not UNKNOWN_LENGTH and method != "HEAD":
         headers.setRawHeaders(b"content-length", [b"%d" % response.length])
     return Reply(response.code, headers, body)
+
+
+def raw_exchange(port: int, raw: bytes, timeout: float = 15) -> bytes:
+    """Send bytes exactly as given (no client-side normalisation); read until the server closes.
+
+    Blocking: call it from a thread (``threads.deferToThread``) while the reactor runs.
+    """
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(raw)
+        chunks = []
+        try:
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        except ConnectionResetError:
+            pass
+    return b"".join(chunks)

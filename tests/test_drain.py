@@ -43,9 +43,10 @@ def _split_head(sock: socket.socket) -> tuple[bytes, bytes]:
 
 
 def _refused(port: int) -> bool:
+    """Whether the port refuses new connections (a reset means it closed while we connected)."""
     try:
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
-    except ConnectionRefusedError:
+    except (ConnectionRefusedError, ConnectionResetError):
         return True
     return False
 

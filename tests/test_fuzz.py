@@ -12,7 +12,6 @@ or password in any answer or log line, and a 200 only with the right token.
 from __future__ import annotations
 
 import os
-import socket
 import uuid
 from urllib.parse import quote, quote_from_bytes, unquote_to_bytes
 
@@ -25,6 +24,7 @@ from twisted.internet.defer import ensureDeferred
 from twisted.logger import formatEvent, globalLogPublisher
 
 from tests.conftest import ServiceStarter
+from tests.http import raw_exchange
 from tests.test_security import ALLOWED
 
 EXAMPLES = int(os.environ.get("COUCHTOKEN_FUZZ_EXAMPLES", "2000"))
@@ -144,16 +144,7 @@ def requests(draw):
 def _send(port: int, method: str, target: str, headers: dict[str, str]) -> bytes:
     lines = [f"{method} {target} HTTP/1.1", "Host: localhost", "Connection: close"]
     lines += [f"{name}: {value}" for name, value in headers.items()]
-    raw = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-    with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
-        sock.sendall(raw)
-        chunks = []
-        try:
-            while chunk := sock.recv(65536):
-                chunks.append(chunk)
-        except ConnectionResetError:
-            pass
-    return b"".join(chunks)
+    return raw_exchange(port, ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
 
 
 def check_one(target, request) -> None:

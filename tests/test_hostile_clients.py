@@ -10,7 +10,7 @@ import pytest_twisted
 from twisted.internet import threads
 
 from couchtoken.channel import GuardedHTTPChannel
-from tests.http import fetch
+from tests.http import fetch, raw_exchange
 
 TOKEN = "hostile-token"
 
@@ -20,18 +20,6 @@ def doc(admin, db):
     admin.put(db, "doc", {"download_token": TOKEN})
     admin.put_attachment(db, "doc", "f.txt", b"still served", "text/plain")
     return "doc"
-
-
-def _exchange(port: int, raw: bytes, timeout: float = 10) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        sock.sendall(raw)
-        chunks = []
-        try:
-            while chunk := sock.recv(65536):
-                chunks.append(chunk)
-        except ConnectionResetError:
-            pass
-    return b"".join(chunks)
 
 
 def _port(service) -> int:
@@ -55,7 +43,7 @@ def _port(service) -> int:
     ids=["long-uri", "endless-uri", "huge-header", "many-headers"],
 )
 async def test_oversized_requests_get_414_or_431(service, raw, status):
-    answer = await threads.deferToThread(_exchange, _port(service), raw)
+    answer = await threads.deferToThread(raw_exchange, _port(service), raw)
     assert answer.startswith(b"HTTP/1.1 %d " % status), answer[:200]
     assert b"Traceback" not in answer
     assert service.couchdb_targets() == []
@@ -67,7 +55,7 @@ async def test_header_injection_attempts_are_not_reflected(service, db, doc):
         f"GET /{db}/doc/f.txt?token={TOKEN}%0d%0aSet-Cookie:%20x=1 HTTP/1.1\r\nHost: x\r\n"
         f"Range: bytes=0-1\r\nSet-Cookie: evil=1\r\nConnection: close\r\n\r\n"
     ).encode()
-    answer = await threads.deferToThread(_exchange, _port(service), raw)
+    answer = await threads.deferToThread(raw_exchange, _port(service), raw)
     head = answer.split(b"\r\n\r\n", 1)[0]
     assert b"set-cookie" not in head.lower()
     assert head.startswith(b"HTTP/1.1 403")

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import re
-import socket
 
 import pytest
 import pytest_twisted
 from twisted.internet import reactor, threads
 
 from tests.faultproxy import Fault
+from tests.http import raw_exchange
 
 TOKEN = "tok"
 # Everything the service may ever ask CouchDB for: one document, one of its
@@ -22,13 +22,9 @@ ALLOWED = re.compile(
 
 
 def _raw_request(port: int, request_line: bytes, headers: bytes = b"") -> bytes:
-    """Send bytes exactly as given (no client-side normalisation) and read the answer."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(request_line + b"\r\nHost: localhost\r\nConnection: close\r\n" + headers + b"\r\n")
-        chunks = []
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
-    return b"".join(chunks)
+    return raw_exchange(
+        port, request_line + b"\r\nHost: localhost\r\nConnection: close\r\n" + headers + b"\r\n"
+    )
 
 
 def _status(raw: bytes) -> int:

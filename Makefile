@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 NODE_MODULES := tests/node_modules/.package-lock.json
 
-.PHONY: run test lint clean
+.PHONY: run test lint mutation clean
 
 $(BIN)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -27,5 +27,13 @@ lint: $(BIN)/.installed
 	$(BIN)/ruff check couchtoken tests twisted benchmarks setup.py
 	$(BIN)/ruff format --check couchtoken tests twisted benchmarks setup.py
 
+## Mutation testing of the access rules (tokens, names, documents, cache).
+mutation: $(BIN)/.installed
+	$(BIN)/pip install --quiet 'mutmut==3.8.1'
+	rm -rf mutants
+	$(BIN)/mutmut run > .mutmut.log 2>&1 || (tail -c 3000 .mutmut.log; exit 1)
+	$(BIN)/mutmut results
+	$(BIN)/python tests/mutation_score.py .mutmut.log --minimum 97
+
 clean:
-	rm -rf $(VENV) tests/node_modules .pytest_cache
+	rm -rf $(VENV) tests/node_modules .pytest_cache mutants .mutmut.log

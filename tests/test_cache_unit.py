@@ -14,13 +14,16 @@ FIELD = ("download_token",)
 
 
 class Feeds:
-    """Feed status the test sets by hand."""
+    """Feed status the test sets by hand: ``epoch`` for database "db", ``others`` for any other."""
 
     def __init__(self, epoch: int | None = 1) -> None:
         self.epoch = epoch
+        self.others: int | None = None
+        self.asked: list[str] = []
 
     def live_epoch(self, db: str) -> int | None:
-        return self.epoch
+        self.asked.append(db)
+        return self.epoch if db == "db" else self.others
 
 
 class Fetches:
@@ -189,3 +192,65 @@ def test_summaries_hide_tokens_in_repr():
     result = lookup(cache)
     fetches.answer(document={"_rev": "1-a", "download_token": "super-secret"})
     assert "super-secret" not in repr(result.result)
+
+
+def test_counters_and_the_cached_flag():
+    cache, clock, fetches, feeds = make()
+    first = ensureDeferred(cache.lookup("db", "doc"))
+    fetches.answer()
+    assert first.result[1] is False
+    second = ensureDeferred(cache.lookup("db", "doc"))
+    assert second.result[1] is True
+    ensureDeferred(cache.lookup("db", "doc"))
+    assert (cache.hits, cache.misses) == (2, 1)
+    assert (cache.evictions, cache.revocations) == (0, 0)
+    cache.evict("db", "doc")
+    cache.evict("db", "doc")  # already gone: not counted twice
+    cache.evict("db", "never-cached")
+    assert (cache.evictions, cache.revocations) == (1, 1)
+    lookup(cache)
+    fetches.answer()
+    assert cache.misses == 2
+    cache.evict("db", "doc")
+    assert (cache.evictions, cache.revocations) == (2, 2)
+    for docid in ("a", "b"):
+        lookup(cache, docid)
+        fetches.answer(("db", docid))
+    cache.drop_database("db")
+    assert (cache.evictions, cache.revocations) == (4, 2)
+    assert len(cache) == 0
+
+
+def test_each_database_has_its_own_feed_status():
+    cache, clock, fetches, feeds = make(epoch=1)
+    feeds.others = None  # database "other" has no live feed
+    ensureDeferred(cache.lookup("other", "doc"))
+    fetches.answer(("other", "doc"))
+    ensureDeferred(cache.lookup("other", "doc"))
+    assert fetches.count == 2  # nothing stored for "other"
+    assert "other" in feeds.asked
+    lookup(cache)
+    fetches.answer()
+    lookup(cache)
+    assert fetches.count == 3  # "db" is cached
+    cache.drop_database("other")
+    assert len(cache) == 1
+
+
+def test_a_disabled_cache_never_starts_feeds_and_evicts_quietly():
+    cache, clock, fetches, feeds = make(maxsize=0)
+    lookup(cache)
+    fetches.answer()
+    assert feeds.asked == []
+    assert len(cache) == 0
+    cache.evict("db", "doc")
+    cache.drop_database("db")
+
+
+def test_a_one_entry_cache_works():
+    cache, clock, fetches, feeds = make(maxsize=1)
+    assert cache.enabled
+    lookup(cache)
+    fetches.answer()
+    lookup(cache)
+    assert fetches.count == 1

@@ -19,7 +19,13 @@ setup(
         "prometheus-client>=0.20",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-twisted>=1.14", "pytest-timeout>=2.3", "hypothesis>=6.100", "ruff>=0.6"],
+        "test": [
+            "pytest>=8",
+            "pytest-twisted>=1.14",
+            "pytest-timeout>=2.3",
+            "hypothesis>=6.100",
+            "ruff>=0.6",
+        ],
     },
     classifiers=[
         "Framework :: Twisted",

@@ -172,6 +172,8 @@ async def test_past_max_downloads_a_download_gets_503_at_once(start_service, db,
     stuck = await threads.deferToThread(_open_download, port, f"/{db}/{doc}/big.bin?token={TOKEN}")
     try:
         assert await wait_until(lambda: len(service.app.app._active) == 1, 5)
+        # Wait for its attachment request too, so that the count below is stable.
+        assert await wait_until(lambda: service.proxy.connections_for("big.bin"), 5)
         started = time.monotonic()
         reply = await fetch(service.url(db, doc, "small.txt", TOKEN))
         assert reply.status == 503

@@ -9,6 +9,7 @@ attachment is missing (404).
 from __future__ import annotations
 
 import json
+from fnmatch import fnmatchcase
 from typing import Any
 
 from klein import Klein
@@ -27,11 +28,12 @@ from couchtoken.couchdb import CouchDBClient, UpstreamError
 from couchtoken.metrics import Metrics
 from couchtoken.names import AttachmentPath, BadPath, parse_download_path
 from couchtoken.ops import HEALTH_PATH, METRICS_PATH, OpsEndpoints
+from couchtoken.presentation import Presentation
 from couchtoken.relay import relay_body
 
 ALLOWED_METHODS = b"GET, HEAD, OPTIONS"
-ALLOWED_REQUEST_HEADERS = b"Range, If-None-Match, If-Range"
-EXPOSED_HEADERS = b"Content-Length, Content-Range, Content-Encoding, ETag, Accept-Ranges"
+ALLOWED_REQUEST_HEADERS = b"Range, If-None-Match, If-Range, Authorization, X-Download-Token"
+EXPOSED_HEADERS = b"Content-Length, Content-Range, Content-Encoding, Content-Disposition, ETag, Accept-Ranges"
 
 _COMMON_HEADERS = (
     (b"access-control-allow-origin", b"*"),
@@ -39,6 +41,8 @@ _COMMON_HEADERS = (
     (b"x-content-type-options", b"nosniff"),
 )
 _SUCCESS_HEADERS = (
+    b"content-disposition",
+    b"content-security-policy",
     b"etag",
     b"accept-ranges",
     b"vary",
@@ -79,6 +83,28 @@ def _single_arg(request: IRequest, name: bytes) -> bytes | None:
     return values[0]
 
 
+def _offered_token(request: IRequest) -> bytes | None:
+    """The token from ``?token=``, ``Authorization: Bearer`` or ``X-Download-Token``.
+
+    Headers keep tokens out of URLs, browser history and Referer.  Different
+    tokens in different places are refused rather than guessed between.
+    """
+    offered = set()
+    query = _single_arg(request, b"token")
+    if query:
+        offered.add(query)
+    for value in request.requestHeaders.getRawHeaders(b"authorization", []):
+        scheme, _, credentials = value.strip().partition(b" ")
+        if scheme.lower() == b"bearer" and credentials.strip():
+            offered.add(credentials.strip())
+    for value in request.requestHeaders.getRawHeaders(b"x-download-token", []):
+        if value.strip():
+            offered.add(value.strip())
+    if len(offered) > 1:
+        raise HTTPAnswer(400, "bad_request", "different tokens were given")
+    return offered.pop() if offered else None
+
+
 def _accepts_gzip(request: IRequest) -> bool:
     header = request.getHeader(b"accept-encoding")
     if not header:
@@ -108,6 +134,8 @@ class DownloadApp:
         upstream_timeout: float = 30.0,
         blobs: BlobCache | None = None,
         serve_metrics: bool = True,
+        presentation: Presentation | None = None,
+        databases: tuple[str, ...] = (),
     ) -> None:
         self._couchdb = couchdb
         self._blobs = blobs or BlobCache(0, 0)
@@ -119,6 +147,8 @@ class DownloadApp:
         self._idle_timeout = idle_timeout
         self._upstream_timeout = upstream_timeout
         self._serve_metrics = serve_metrics
+        self._presentation = presentation or Presentation()
+        self._databases = databases
         self._active: set[IRequest] = set()
         self._drained: Deferred[None] | None = None
         self._closing: list[Any] = []  # transports flushing their last bytes while draining
@@ -246,7 +276,9 @@ class DownloadApp:
             raise HTTPAnswer(
                 bad.status, "bad_request" if bad.status == 400 else "forbidden", bad.reason
             ) from None
-        offered = _single_arg(request, b"token")
+        if self._databases and not any(fnmatchcase(target.db, pattern) for pattern in self._databases):
+            raise _forbidden()  # not served here: answered before any work, like a wrong token
+        offered = _offered_token(request)
         if not offered:
             raise _forbidden()
         try:
@@ -281,7 +313,13 @@ class DownloadApp:
         request.setHeader(b"access-control-max-age", b"86400")
         return b""
 
-    def _success_headers(self, request: IRequest, info: AttachmentInfo, etag: str | None) -> None:
+    def _success_headers(
+        self, request: IRequest, target: AttachmentPath, info: AttachmentInfo, etag: str | None
+    ) -> None:
+        for name, value in self._presentation.headers(
+            target.attachment, info.content_type, request.args.get(b"download")
+        ):
+            request.setHeader(name, value)
         request.setHeader(b"content-type", info.content_type)
         request.setHeader(b"accept-ranges", b"bytes")
         request.setHeader(b"cache-control", b"private, no-cache")
@@ -295,7 +333,7 @@ class DownloadApp:
         etag = info.etag
         if etag and none_match(request.getHeader(b"if-none-match"), etag):
             request.setResponseCode(304)
-            self._success_headers(request, info, etag)
+            self._success_headers(request, target, info, etag)
             request.responseHeaders.removeHeader(b"content-type")
             return b""
         window = choose_range(
@@ -313,20 +351,20 @@ class DownloadApp:
             )
         accept_gzip = window is None and _accepts_gzip(request)
         if request.method == b"HEAD":
-            self._success_headers(request, info, etag)
+            self._success_headers(request, target, info, etag)
             self._length_headers(request, info, window, accept_gzip)
             return b""
         blob_key = (target.db, target.docid, target.attachment, info.digest) if info.digest else None
         if blob_key is not None and self._blobs.wants(info.length):
             body = self._blobs.get(blob_key)
             if body is not None:
-                self._success_headers(request, info, etag)
+                self._success_headers(request, target, info, etag)
                 self._length_headers(request, info, window, accept_gzip=False)
                 return body if window is None else body[window[0] : window[1]]
         response = await self._couchdb.open_attachment(
             target, rev, byte_range=window, accept_gzip=accept_gzip
         )
-        return await self._relay(request, response, info, window, etag, blob_key)
+        return await self._relay(request, target, response, info, window, etag, blob_key)
 
     def _length_headers(
         self,
@@ -350,6 +388,7 @@ class DownloadApp:
     async def _relay(
         self,
         request: IRequest,
+        target: AttachmentPath,
         response: IResponse,
         info: AttachmentInfo,
         window: tuple[int, int] | None,
@@ -378,7 +417,9 @@ class DownloadApp:
             elif response.headers.getRawHeaders(b"content-range", [b""])[0] != _content_range(window, info):
                 _refuse(response, "CouchDB answered another range than asked")
         upstream_etag = response.headers.getRawHeaders(b"etag", [None])[0]
-        self._success_headers(request, info, upstream_etag.decode("latin-1") if upstream_etag else etag)
+        self._success_headers(
+            request, target, info, upstream_etag.decode("latin-1") if upstream_etag else etag
+        )
         if window is not None:
             self._length_headers(request, info, window, accept_gzip=False)
         else:

@@ -88,6 +88,9 @@ class Settings:
     metrics_port: str | None = None
     blob_cache_bytes: int = 64 * 1024 * 1024
     blob_cache_max_item: int = 256 * 1024
+    sandbox_types: tuple[str, ...] = ()
+    force_download_types: tuple[str, ...] = ()
+    databases: tuple[str, ...] = ()
 
     def describe(self) -> str:
         """One line for the start-up log, credentials masked."""
@@ -101,5 +104,6 @@ class Settings:
             f"max_downloads={self.max_downloads} idle_timeout={self.idle_timeout}s "
             f"drain_timeout={self.drain_timeout}s log_format={self.access_log_format} "
             f"metrics_port={self.metrics_port or 'public port'} "
-            f"blob_cache_bytes={self.blob_cache_bytes} blob_cache_max_item={self.blob_cache_max_item}"
+            f"blob_cache_bytes={self.blob_cache_bytes} blob_cache_max_item={self.blob_cache_max_item} "
+            f"databases={','.join(self.databases) or '*'}"
         )

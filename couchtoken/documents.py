@@ -8,7 +8,7 @@ from typing import Any
 import attrs
 
 from couchtoken.attachments import AttachmentInfo
-from couchtoken.tokens import document_token, token_matches
+from couchtoken.tokens import document_tokens, token_matches
 
 
 @attrs.frozen(repr=False)
@@ -24,7 +24,6 @@ class DocumentSummary:
 
     @classmethod
     def from_document(cls, document: Mapping[str, Any], token_field: Sequence[str]) -> DocumentSummary:
-        token = document_token(document, token_field)
         stubs = document.get("_attachments")
         attachments = {}
         if isinstance(stubs, Mapping):
@@ -35,7 +34,7 @@ class DocumentSummary:
             }
         rev = document.get("_rev")
         return cls(
-            tokens=(token,) if token else (),
+            tokens=document_tokens(document, token_field),
             rev=rev if isinstance(rev, str) else None,
             attachments=attachments,
         )

@@ -35,6 +35,7 @@ from couchtoken.couchdb import CouchDBClient
 from couchtoken.feeds import FeedManager
 from couchtoken.metrics import Metrics
 from couchtoken.ops import HealthCheck, OpsApp, OpsEndpoints
+from couchtoken.presentation import Presentation
 
 _log = Logger()
 
@@ -69,6 +70,10 @@ def _log_format(value: str) -> str:
 
 
 _log_format.coerceDoc = "combined or json."  # type: ignore[attr-defined]
+
+
+def _list(value: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in value.split(",") if item.strip())
 
 
 def _read_url_file(path: str) -> str:
@@ -179,6 +184,26 @@ class Options(usage.Options):
             _count,
         ],
         [
+            "databases",
+            None,
+            "",
+            "Comma-separated globs of the databases served (e.g. userdb-*,media); others get 403. "
+            "Default: all.",
+        ],
+        [
+            "sandbox-types",
+            None,
+            "",
+            "Comma-separated media types served with Content-Security-Policy: sandbox, besides "
+            "HTML, XHTML, SVG and XML.",
+        ],
+        [
+            "force-download-types",
+            None,
+            "",
+            "Comma-separated media types always served as Content-Disposition: attachment.",
+        ],
+        [
             "metrics-port",
             None,
             None,
@@ -230,6 +255,9 @@ class Options(usage.Options):
                 metrics_port=self["metrics-port"],
                 blob_cache_bytes=self["blob-cache-bytes"],
                 blob_cache_max_item=self["blob-cache-max-item"],
+                sandbox_types=_list(self["sandbox-types"]),
+                force_download_types=_list(self["force-download-types"]),
+                databases=_list(self["databases"]),
             )
         except ConfigError as exc:
             raise usage.UsageError(str(exc)) from None
@@ -395,6 +423,8 @@ def build(settings: Settings, reactor: Any) -> Couchtoken:
         upstream_timeout=settings.response_timeout,
         blobs=blobs,
         serve_metrics=settings.metrics_port is None,
+        presentation=Presentation(settings.sandbox_types, settings.force_download_types),
+        databases=settings.databases,
     )
     site = DownloadSite(
         app.resource(), metrics=metrics, log_format=settings.access_log_format, reactor=reactor

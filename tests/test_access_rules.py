@@ -18,7 +18,7 @@ from couchtoken.names import (
     encode_segment,
     parse_download_path,
 )
-from couchtoken.tokens import document_token, token_matches
+from couchtoken.tokens import document_tokens, token_matches
 
 
 @pytest.mark.parametrize(
@@ -106,21 +106,30 @@ def test_upstream_paths_encode_every_segment():
 @pytest.mark.parametrize(
     "document,field,token",
     [
-        ({"download_token": "t"}, ("download_token",), "t"),
-        ({"download_token": ""}, ("download_token",), None),
-        ({"download_token": None}, ("download_token",), None),
-        ({"download_token": 5}, ("download_token",), None),
-        ({"download_token": ["t"]}, ("download_token",), None),
-        ({"download_token": {"t": 1}}, ("download_token",), None),
-        ({}, ("download_token",), None),
-        ({"data": {"token": "n"}}, ("data", "token"), "n"),
-        ({"data": "n"}, ("data", "token"), None),
-        ({"data": {}}, ("data", "token"), None),
-        ({"data": {"token": "n"}}, ("data",), None),
+        ({"download_token": "t"}, ("download_token",), ("t",)),
+        ({"download_token": ""}, ("download_token",), ()),
+        ({"download_token": None}, ("download_token",), ()),
+        ({"download_token": 5}, ("download_token",), ()),
+        ({"download_token": ["t", "u"]}, ("download_token",), ("t", "u")),
+        ({"download_token": ["t", 5, None, "", ["u"], {"v": 1}]}, ("download_token",), ("t",)),
+        ({"download_token": []}, ("download_token",), ()),
+        ({"download_token": {"t": 1}}, ("download_token",), ()),
+        ({}, ("download_token",), ()),
+        ({"data": {"token": "n"}}, ("data", "token"), ("n",)),
+        ({"data": "n"}, ("data", "token"), ()),
+        ({"data": {}}, ("data", "token"), ()),
+        ({"data": {"token": "n"}}, ("data",), ()),
     ],
 )
-def test_finding_the_document_token(document, field, token):
-    assert document_token(document, field) == token
+def test_finding_the_document_tokens(document, field, token):
+    assert document_tokens(document, field) == token
+
+
+def test_any_listed_token_opens_the_document():
+    summary = DocumentSummary.from_document({"download_token": ["old", "new"]}, ("download_token",))
+    assert summary.accepts(b"old") and summary.accepts(b"new")
+    assert not summary.accepts(b"other")
+    assert not DocumentSummary.from_document({"download_token": []}, ("download_token",)).accepts(b"")
 
 
 def test_comparing_tokens():

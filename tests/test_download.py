@@ -77,10 +77,11 @@ async def test_wrong_missing_or_empty_token_is_403(service, db, doc, query):
         {"download_token": ""},
         {"download_token": 123},
         {"download_token": {"a": 1}},
-        {"download_token": [TOKEN]},
+        {"download_token": []},
+        {"download_token": [123, None, "", [TOKEN]]},
         {"download_token": True},
     ],
-    ids=["absent", "null", "empty", "number", "object", "list", "bool"],
+    ids=["absent", "null", "empty", "number", "object", "empty-list", "list-without-strings", "bool"],
 )
 async def test_document_without_a_usable_token_is_403(service, admin, db, fields):
     admin.put(db, "plain", fields)
@@ -120,6 +121,18 @@ async def test_nested_token_field(start_service, admin, db):
     admin.put(db, "flat", {"data": "not-an-object"})
     admin.put_attachment(db, "flat", "a.bin", b"x")
     assert (await service.get(service.url(db, "flat", "a.bin", "not-an-object"))).status == 403
+
+
+@pytest_twisted.ensureDeferred
+@pytest_twisted.ensureDeferred
+async def test_a_token_list_rotates_tokens(service, admin, db):
+    admin.put(db, "rot", {"download_token": ["old-token", 42, "new-token"]})
+    admin.put_attachment(db, "rot", "f.txt", b"rotating")
+    for token, status in (("old-token", 200), ("new-token", 200), ("42", 403), ("other", 403)):
+        assert (await service.get(service.url(db, "rot", "f.txt", token))).status == status
+    admin.put(db, "rot", {"download_token": ["new-token"]})  # the old one retired
+    for token, status in (("old-token", 403), ("new-token", 200)):
+        assert (await service.get(service.url(db, "rot", "f.txt", token))).status == status
 
 
 @pytest_twisted.ensureDeferred

@@ -1,0 +1,123 @@
+"""Links as good as presigned URLs: header tokens, Content-Disposition, sandboxing, an allowlist."""
+
+from __future__ import annotations
+
+import pytest
+import pytest_twisted
+
+from tests.http import fetch, service_url
+
+TOKEN = "link-token"
+
+
+@pytest.fixture
+def files(admin, db):
+    admin.put(db, "doc", {"download_token": TOKEN})
+    for name, content_type in (
+        ("note.txt", "text/plain"),
+        ("page.html", "text/html; charset=utf-8"),
+        ("logo.svg", "image/svg+xml"),
+        ("report.pdf", "application/pdf"),
+        ("notes.md", "text/markdown"),
+        ('dir/Grüße "quoted"; a b.txt', "text/plain"),
+    ):
+        admin.put_attachment(db, "doc", name, b"content of " + name.encode(), content_type)
+    return "doc"
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize(
+    "headers,status",
+    [
+        ({"Authorization": f"Bearer {TOKEN}"}, 200),
+        ({"Authorization": f"bearer   {TOKEN}  "}, 200),
+        ({"X-Download-Token": TOKEN}, 200),
+        ({"Authorization": "Bearer wrong"}, 403),
+        ({"X-Download-Token": "wrong"}, 403),
+        ({"Authorization": "Basic bGluay10b2tlbjo="}, 403),
+        ({"Authorization": "Bearer "}, 403),
+    ],
+)
+async def test_tokens_in_headers(service, db, files, headers, status):
+    reply = await fetch(service.url(db, files, "note.txt"), headers=headers)
+    assert reply.status == status
+
+
+@pytest_twisted.ensureDeferred
+async def test_different_tokens_in_different_places_are_refused(service, db, files):
+    reply = await fetch(service.url(db, files, "note.txt", TOKEN), headers={"X-Download-Token": "other"})
+    assert reply.status == 400
+    same = await fetch(service.url(db, files, "note.txt", TOKEN), headers={"X-Download-Token": TOKEN})
+    assert same.status == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_preflight_allows_the_token_headers(service, db, files):
+    reply = await fetch(service.url(db, files, "note.txt"), "OPTIONS")
+    allowed = {h.strip().lower() for h in reply.header("access-control-allow-headers").split(",")}
+    assert {"authorization", "x-download-token", "range", "if-none-match"} <= allowed
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize(
+    "query,kind",
+    [
+        ({}, "inline"),
+        ({"download": ""}, "attachment"),
+        ({"download": "1"}, "attachment"),
+        ({"download": "0"}, "inline"),
+    ],
+)
+async def test_content_disposition(service, db, files, query, kind):
+    reply = await fetch(service.url(db, files, "note.txt", TOKEN, **query))
+    assert reply.header("content-disposition") == f"{kind}; filename=\"note.txt\"; filename*=UTF-8''note.txt"
+    assert "content-disposition" in reply.header("access-control-expose-headers").lower()
+
+
+@pytest_twisted.ensureDeferred
+async def test_unicode_quotes_spaces_and_semicolons_in_the_filename(service, db, files):
+    name = 'dir/Grüße "quoted"; a b.txt'
+    reply = await fetch(service.url(db, files, name, TOKEN, download="1"))
+    assert reply.status == 200
+    assert reply.header("content-disposition") == (
+        'attachment; filename="Gr__e _quoted_; a b.txt"; '
+        "filename*=UTF-8''Gr%C3%BC%C3%9Fe%20%22quoted%22%3B%20a%20b.txt"
+    )
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize(
+    "name,sandboxed", [("page.html", True), ("logo.svg", True), ("note.txt", False), ("report.pdf", False)]
+)
+async def test_active_content_is_sandboxed(service, db, files, name, sandboxed):
+    for method in ("GET", "HEAD"):
+        reply = await fetch(service.url(db, files, name, TOKEN), method)
+        assert reply.status == 200
+        assert (reply.header("content-security-policy") == "sandbox") is sandboxed
+        assert reply.header("x-content-type-options") == "nosniff"
+
+
+@pytest_twisted.ensureDeferred
+async def test_sandbox_and_forced_download_types_are_configurable(start_service, db, files):
+    service = await start_service(sandbox_types=("text/markdown",), force_download_types=("application/pdf",))
+    markdown = await fetch(service.url(db, files, "notes.md", TOKEN))
+    assert markdown.header("content-security-policy") == "sandbox"
+    pdf = await fetch(service.url(db, files, "report.pdf", TOKEN))
+    assert pdf.header("content-disposition").startswith("attachment;")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_database_allowlist(start_service, admin, db, files):
+    service = await start_service(databases=("userdb-*", db))
+    assert (await fetch(service.url(db, files, "note.txt", TOKEN))).status == 200
+    other = f"other-{db}"
+    admin.create_db(other)
+    try:
+        admin.put(other, "doc", {"download_token": TOKEN})
+        admin.put_attachment(other, "doc", "note.txt", b"not served here")
+        seen = len(service.couchdb_targets())
+        reply = await fetch(service_url(service.base_url, other, "doc", "note.txt", TOKEN))
+        assert reply.status == 403
+        assert len(service.couchdb_targets()) == seen
+    finally:
+        admin.delete_db(other)

@@ -83,7 +83,7 @@ async def main(reactor, samples: int) -> None:
             user, password = pouchdb.admin
             service = TwistProcess(
                 work / f"{name}.log",
-                extra,
+                extra + ["--max-failures", "0"],
                 env={"COUCHDB_URL": f"http://{user}:{quote(password)}@127.0.0.1:{port}"},
             )
             service.start()

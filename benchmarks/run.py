@@ -121,7 +121,9 @@ def main() -> None:
             ("couchtoken", []),
             ("uncached", ["--cache-size", "0", "--blob-cache-bytes", "0"]),
         ):
-            service = TwistProcess(work / f"{name}.log", extra + ["--max-downloads", "10000"], env=env)
+            service = TwistProcess(
+                work / f"{name}.log", extra + ["--max-downloads", "10000", "--max-failures", "0"], env=env
+            )
             service.start()
             services.append(service)
         cached, uncached = services

@@ -9,9 +9,11 @@ attachment is missing (404).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from fnmatch import fnmatchcase
 from typing import Any
 
+import attrs
 from klein import Klein
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import LoopingCall
@@ -25,11 +27,14 @@ from couchtoken.blobs import BlobCache, BlobKey
 from couchtoken.cache import DocumentCache
 from couchtoken.conditional import UNSATISFIABLE, choose_range, none_match
 from couchtoken.couchdb import CouchDBClient, UpstreamError
+from couchtoken.documents import DocumentSummary
+from couchtoken.links import DEFAULT_MAX_LIFETIME, signature_matches
 from couchtoken.metrics import Metrics
 from couchtoken.names import AttachmentPath, BadPath, parse_download_path
 from couchtoken.ops import HEALTH_PATH, METRICS_PATH, OpsEndpoints
 from couchtoken.presentation import Presentation
 from couchtoken.relay import relay_body
+from couchtoken.throttle import GuessThrottle
 
 ALLOWED_METHODS = b"GET, HEAD, OPTIONS"
 ALLOWED_REQUEST_HEADERS = b"Range, If-None-Match, If-Range, Authorization, X-Download-Token"
@@ -59,19 +64,30 @@ _FORBIDDEN = {"error": "forbidden", "reason": "invalid or missing download token
 class HTTPAnswer(Exception):
     """A finished answer (status and JSON body) raised from deep in a request."""
 
-    def __init__(self, status: int, error: str, reason: str, **headers: bytes) -> None:
+    def __init__(
+        self, status: int, error: str, reason: str, *, guess: bool = False, **headers: bytes
+    ) -> None:
         super().__init__(f"{status} {error}")
         self.status = status
+        self.guess = guess  # a failed token check: counts towards guess throttling
         self.body = {"error": error, "reason": reason}
         self.headers = headers
+
+
+@attrs.frozen
+class Credential:
+    """A token or a signed link: ``test`` says whether it opens a document; ``refusal`` says why not."""
+
+    test: Callable[[DocumentSummary], bool]
+    refusal: str
 
 
 class _StaleRevision(Exception):
     """CouchDB has no such attachment at the revision the token was checked against."""
 
 
-def _forbidden() -> HTTPAnswer:
-    return HTTPAnswer(403, _FORBIDDEN["error"], _FORBIDDEN["reason"])
+def _forbidden(guess: bool = False) -> HTTPAnswer:
+    return HTTPAnswer(403, _FORBIDDEN["error"], _FORBIDDEN["reason"], guess=guess)
 
 
 def _single_arg(request: IRequest, name: bytes) -> bytes | None:
@@ -136,6 +152,8 @@ class DownloadApp:
         serve_metrics: bool = True,
         presentation: Presentation | None = None,
         databases: tuple[str, ...] = (),
+        max_link_lifetime: float = DEFAULT_MAX_LIFETIME,
+        throttle: GuessThrottle | None = None,
     ) -> None:
         self._couchdb = couchdb
         self._blobs = blobs or BlobCache(0, 0)
@@ -149,6 +167,8 @@ class DownloadApp:
         self._serve_metrics = serve_metrics
         self._presentation = presentation or Presentation()
         self._databases = databases
+        self._max_link_lifetime = max_link_lifetime
+        self._throttle = throttle or GuessThrottle(clock, 0)
         self._active: set[IRequest] = set()
         self._drained: Deferred[None] | None = None
         self._closing: list[Any] = []  # transports flushing their last bytes while draining
@@ -278,24 +298,58 @@ class DownloadApp:
             ) from None
         if self._databases and not any(fnmatchcase(target.db, pattern) for pattern in self._databases):
             raise _forbidden()  # not served here: answered before any work, like a wrong token
-        offered = _offered_token(request)
-        if not offered:
-            raise _forbidden()
+        client = self._throttle.client(request)
+        retry = self._throttle.retry_after(client)
+        if retry is not None:
+            raise HTTPAnswer(
+                429, "too_many_requests", "too many failed token checks", retry_after=b"%d" % retry
+            )
         try:
-            return await self._check_and_serve(request, target, offered)
-        except _StaleRevision:
-            # The revision we checked is gone (changed, compacted, database
-            # deleted) before its change reached us: check again, from CouchDB.
-            self._documents.evict(target.db, target.docid)
-            return await self._check_and_serve(request, target, offered, last_try=True)
+            opens = self._credential(request, target)
+            try:
+                return await self._check_and_serve(request, target, opens)
+            except _StaleRevision:
+                # The revision we checked is gone (changed, compacted, database
+                # deleted) before its change reached us: check again, from CouchDB.
+                self._documents.evict(target.db, target.docid)
+                return await self._check_and_serve(request, target, opens, last_try=True)
+        except HTTPAnswer as answer:
+            if answer.guess:
+                self._throttle.failed(client)
+            raise
+
+    def _credential(self, request: IRequest, target: AttachmentPath) -> Credential:
+        """What the request offers, as a test of a document summary (403 at once if nothing)."""
+        offered = _offered_token(request)
+        sig = _single_arg(request, b"sig")
+        if sig is None:
+            if not offered:
+                raise _forbidden(guess=True)
+            return Credential(lambda summary: summary.accepts(offered), _FORBIDDEN["reason"])
+        if offered:
+            raise HTTPAnswer(400, "bad_request", "give a token or a signature, not both")
+        raw_expires = _single_arg(request, b"expires") or b""
+        if not raw_expires.isdigit() or len(raw_expires) > 12:
+            raise HTTPAnswer(400, "bad_request", "'expires' must be unix seconds")
+        expires = int(raw_expires)
+        now = self._clock.seconds()
+        if expires <= now:
+            raise HTTPAnswer(403, "forbidden", "expired")
+        if expires > now + self._max_link_lifetime:
+            raise HTTPAnswer(403, "forbidden", "expires too far ahead")
+
+        def signed(summary: DocumentSummary) -> bool:
+            return signature_matches(summary.tokens, target.db, target.docid, target.attachment, expires, sig)
+
+        return Credential(signed, "bad signature")
 
     async def _check_and_serve(
-        self, request: IRequest, target: AttachmentPath, offered: bytes, last_try: bool = False
+        self, request: IRequest, target: AttachmentPath, opens: Credential, last_try: bool = False
     ) -> bytes | None:
         summary, cached = await self._documents.lookup(target.db, target.docid)
         request.cache_status = "hit" if cached else "miss"
-        if summary is None or not summary.accepts(offered):
-            raise _forbidden()
+        if summary is None or not opens.test(summary):
+            raise HTTPAnswer(403, "forbidden", opens.refusal, guess=True)
         info = summary.attachments.get(target.attachment)
         if info is None:
             raise HTTPAnswer(404, "not_found", "no such attachment")

@@ -91,6 +91,9 @@ class Settings:
     sandbox_types: tuple[str, ...] = ()
     force_download_types: tuple[str, ...] = ()
     databases: tuple[str, ...] = ()
+    max_link_lifetime: float = 7 * 24 * 3600.0
+    max_failures: int = 30
+    trusted_proxies: tuple[str, ...] = ()
 
     def describe(self) -> str:
         """One line for the start-up log, credentials masked."""

@@ -36,6 +36,7 @@ from couchtoken.feeds import FeedManager
 from couchtoken.metrics import Metrics
 from couchtoken.ops import HealthCheck, OpsApp, OpsEndpoints
 from couchtoken.presentation import Presentation
+from couchtoken.throttle import GuessThrottle
 
 _log = Logger()
 
@@ -204,6 +205,27 @@ class Options(usage.Options):
             "Comma-separated media types always served as Content-Disposition: attachment.",
         ],
         [
+            "max-link-lifetime",
+            None,
+            7 * 24 * 3600.0,
+            "Seconds ahead a signed link's expiry may be at most.",
+            _positive,
+        ],
+        [
+            "max-failures",
+            None,
+            30,
+            "Failed token checks a client address may make per minute; past it, 429 (0: no limit).",
+            _count,
+        ],
+        [
+            "trusted-proxies",
+            None,
+            "",
+            "Comma-separated addresses or networks of reverse proxies whose X-Forwarded-For "
+            "names the client.",
+        ],
+        [
             "metrics-port",
             None,
             None,
@@ -258,6 +280,9 @@ class Options(usage.Options):
                 sandbox_types=_list(self["sandbox-types"]),
                 force_download_types=_list(self["force-download-types"]),
                 databases=_list(self["databases"]),
+                max_link_lifetime=self["max-link-lifetime"],
+                max_failures=self["max-failures"],
+                trusted_proxies=_list(self["trusted-proxies"]),
             )
         except ConfigError as exc:
             raise usage.UsageError(str(exc)) from None
@@ -425,6 +450,8 @@ def build(settings: Settings, reactor: Any) -> Couchtoken:
         serve_metrics=settings.metrics_port is None,
         presentation=Presentation(settings.sandbox_types, settings.force_download_types),
         databases=settings.databases,
+        max_link_lifetime=settings.max_link_lifetime,
+        throttle=GuessThrottle(reactor, settings.max_failures, trusted_proxies=settings.trusted_proxies),
     )
     site = DownloadSite(
         app.resource(), metrics=metrics, log_format=settings.access_log_format, reactor=reactor

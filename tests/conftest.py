@@ -107,6 +107,8 @@ class ServiceStarter:
             await proxy.start()
             creds = f"{quote(admin.user or '', safe='')}:{quote(admin.password or '', safe='')}@"
             couchdb_url = f"http://{creds if admin.user else ''}{proxy.url_host}"
+        # Every test client is 127.0.0.1: guess throttling only where a test turns it on.
+        options.setdefault("max_failures", 0)
         settings = Settings(couchdb=CouchDBServer.from_url(couchdb_url), **options)
         app = build(settings, global_reactor)
         app.service.startService()

@@ -62,7 +62,7 @@ async def test_chaos(couch_server, tmp_path, capsys):
 
     service = TwistProcess(
         tmp_path / "twist.log",
-        ["--feed-heartbeat", "0.5", "--max-downloads", "5000"],
+        ["--feed-heartbeat", "0.5", "--max-downloads", "5000", "--max-failures", "0"],
         env={"COUCHDB_URL": couch_server.url},
     )
     service.start()

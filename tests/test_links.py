@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import os
+import subprocess
+import sys
+import time
+
 import pytest
 import pytest_twisted
 
+from couchtoken.devserver import ROOT
+from couchtoken.links import sign_url, signature
 from tests.http import fetch, service_url
 
 TOKEN = "link-token"
@@ -121,3 +130,92 @@ async def test_a_database_allowlist(start_service, admin, db, files):
         assert len(service.couchdb_targets()) == seen
     finally:
         admin.delete_db(other)
+
+
+# -- Expiring signed links -------------------------------------------------------------
+
+
+def test_the_signature_is_hmac_sha256_of_the_documented_message():
+    expected = hmac.new(
+        b"k\xc3\xa9y", "db\nd/1\na b/\xe9.txt\n1700000000".encode(), hashlib.sha256
+    ).hexdigest()
+    assert signature("kéy", "db", "d/1", "a b/é.txt", 1700000000) == expected
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_signed_link_opens_until_it_expires(service, db, files):
+    expires = int(time.time()) + 60
+    url = sign_url(service.base_url, db, files, "note.txt", TOKEN, expires)
+    assert "token" not in url and TOKEN not in url
+    reply = await fetch(url)
+    assert (reply.status, reply.body) == (200, b"content of note.txt")
+    past = sign_url(service.base_url, db, files, "note.txt", TOKEN, int(time.time()) - 1)
+    expired = await fetch(past)
+    assert (expired.status, expired.json()["reason"]) == (403, "expired")
+    far = sign_url(service.base_url, db, files, "note.txt", TOKEN, int(time.time()) + 8 * 24 * 3600)
+    assert (await fetch(far)).status == 403
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("how", ["wrong-key", "other-file", "tampered-expiry", "missing-doc"])
+async def test_bad_signatures_are_refused(service, db, files, how):
+    expires = int(time.time()) + 60
+    key, name, doc = TOKEN, "note.txt", files
+    if how == "wrong-key":
+        key = "guess"
+    url = sign_url(service.base_url, db, doc, name, key, expires)
+    if how == "other-file":
+        url = url.replace("note.txt", "report.pdf")
+    if how == "tampered-expiry":
+        url = url.replace(f"expires={expires}", f"expires={expires + 1}")
+    if how == "missing-doc":
+        url = sign_url(service.base_url, db, "nodoc", name, key, expires)
+    reply = await fetch(url)
+    assert (reply.status, reply.json()["reason"]) == (403, "bad signature")
+
+
+@pytest_twisted.ensureDeferred
+async def test_changing_the_token_revokes_signed_links(service, admin, db, files):
+    url = sign_url(service.base_url, db, files, "note.txt", TOKEN, int(time.time()) + 60)
+    admin.put(db, files, {"download_token": [TOKEN, "next"]})  # rotation: still valid
+    assert (await fetch(url)).status == 200
+    admin.put(db, files, {"download_token": "next"})
+    started = time.monotonic()
+    while (await fetch(url)).status != 403:
+        assert time.monotonic() - started < 1.0, "the signed link still works after 1 s"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_token_and_a_signature_together_are_refused(service, db, files):
+    url = sign_url(service.base_url, db, files, "note.txt", TOKEN, int(time.time()) + 60)
+    assert (await fetch(url + f"&token={TOKEN}")).status == 400
+    assert (await fetch(service.url(db, files, "note.txt", sig="ab", expires="soon"))).status == 400
+
+
+def test_python_m_couchtoken_sign_prints_a_link():
+    env = {**os.environ, "COUCHTOKEN_SIGN_TOKEN": TOKEN, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "couchtoken",
+            "sign",
+            "https://files.example",
+            "db",
+            "d/1",
+            "a b.txt",
+            "--expires-in",
+            "600",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
+        check=True,
+    )
+    link = result.stdout.strip()
+    assert link.startswith("https://files.example/db/d%2F1/a%20b.txt?expires=")
+    expires = int(link.split("expires=")[1].split("&")[0])
+    assert abs(expires - (time.time() + 600)) < 30
+    assert link.endswith("&sig=" + signature(TOKEN, "db", "d/1", "a b.txt", expires))
+    assert TOKEN not in link

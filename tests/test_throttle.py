@@ -1,0 +1,93 @@
+"""Guess throttling: 429 past --max-failures failed checks a minute from one client address."""
+
+from __future__ import annotations
+
+import pytest
+import pytest_twisted
+from twisted.internet.task import Clock
+from twisted.web.http_headers import Headers
+
+from couchtoken.throttle import GuessThrottle
+from tests.http import fetch
+
+TOKEN = "throttle-token"
+
+
+@pytest.fixture
+def doc(admin, db):
+    admin.put(db, "doc", {"download_token": TOKEN})
+    admin.put_attachment(db, "doc", "f.txt", b"ok", "text/plain")
+    return "doc"
+
+
+@pytest_twisted.ensureDeferred
+async def test_too_many_failures_answer_429_before_any_work(start_service, db, doc):
+    service = await start_service(max_failures=5)
+    for i in range(5):
+        assert (await fetch(service.url(db, doc, "f.txt", f"guess-{i}"))).status == 403
+    seen = len(service.couchdb_targets())
+    blocked = await fetch(service.url(db, doc, "f.txt", "guess-6"))
+    assert blocked.status == 429
+    assert 1 <= int(blocked.header("retry-after")) <= 60
+    assert blocked.json()["error"] == "too_many_requests"
+    # Even the right token waits out the window, and nothing reaches CouchDB meanwhile.
+    assert (await fetch(service.url(db, doc, "f.txt", TOKEN))).status == 429
+    assert len(service.couchdb_targets()) == seen
+
+
+@pytest_twisted.ensureDeferred
+async def test_other_clients_behind_a_trusted_proxy_are_unaffected(start_service, db, doc):
+    service = await start_service(max_failures=3, trusted_proxies=("127.0.0.1",))
+    guesser = {"X-Forwarded-For": "203.0.113.7"}
+    honest = {"X-Forwarded-For": "198.51.100.9, 203.0.113.7"}  # the right-most untrusted address counts
+    for _ in range(3):
+        await fetch(service.url(db, doc, "f.txt", "wrong"), headers=guesser)
+    assert (await fetch(service.url(db, doc, "f.txt", TOKEN), headers=guesser)).status == 429
+    assert (
+        await fetch(service.url(db, doc, "f.txt", TOKEN), headers={"X-Forwarded-For": "198.51.100.9"})
+    ).status == 200
+    assert (await fetch(service.url(db, doc, "f.txt", TOKEN), headers=honest)).status == 429
+
+
+@pytest_twisted.ensureDeferred
+async def test_forwarded_for_is_ignored_without_a_trusted_proxy(start_service, db, doc):
+    service = await start_service(max_failures=2)
+    for i in range(2):
+        await fetch(service.url(db, doc, "f.txt", "wrong"), headers={"X-Forwarded-For": f"203.0.113.{i}"})
+    assert (await fetch(service.url(db, doc, "f.txt", TOKEN))).status == 429
+
+
+class _Request:
+    def __init__(self, peer: str, forwarded: str | None = None) -> None:
+        self._peer = peer
+        self.requestHeaders = Headers({b"x-forwarded-for": [forwarded.encode()]} if forwarded else {})
+
+    def getClientAddress(self):
+        return type("Address", (), {"host": self._peer})()
+
+
+def test_the_window_ends_on_the_clock():
+    clock = Clock()
+    throttle = GuessThrottle(clock, 2, window=60)
+    throttle.failed("a")
+    clock.advance(10)
+    throttle.failed("a")
+    assert throttle.retry_after("a") == 50
+    assert throttle.retry_after("b") is None
+    clock.advance(50.5)
+    assert throttle.retry_after("a") is None
+    throttle.failed("a")
+    assert throttle.retry_after("a") is None
+
+
+def test_zero_turns_throttling_off_and_proxies_are_resolved():
+    clock = Clock()
+    off = GuessThrottle(clock, 0)
+    for _ in range(100):
+        off.failed("a")
+    assert off.retry_after("a") is None
+    behind = GuessThrottle(clock, 1, trusted_proxies=["10.0.0.0/8", "127.0.0.1"])
+    assert behind.client(_Request("127.0.0.1", "203.0.113.5, 10.1.2.3")) == "203.0.113.5"
+    assert behind.client(_Request("203.0.113.9", "198.51.100.1")) == "203.0.113.9"
+    assert behind.client(_Request("127.0.0.1", "not-an-ip")) == "not-an-ip"
+    assert behind.client(_Request("127.0.0.1")) == "127.0.0.1"

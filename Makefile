@@ -33,7 +33,7 @@ mutation: $(BIN)/.installed
 	rm -rf mutants
 	$(BIN)/mutmut run > .mutmut.log 2>&1 || (tail -c 3000 .mutmut.log; exit 1)
 	$(BIN)/mutmut results
-	$(BIN)/python tests/mutation_score.py .mutmut.log --minimum 97
+	$(BIN)/python tests/mutation_score.py .mutmut.log --minimum 95
 
 clean:
 	rm -rf $(VENV) tests/node_modules .pytest_cache mutants .mutmut.log

@@ -6,9 +6,12 @@ Fast unit tests (no server) so that mutation testing can run them for every muta
 from __future__ import annotations
 
 import pytest
+from twisted.internet.task import Clock
+from twisted.web.http_headers import Headers
 
 from couchtoken.attachments import AttachmentInfo
 from couchtoken.documents import DocumentSummary
+from couchtoken.links import sign_url, signature, signature_matches
 from couchtoken.names import (
     MAX_NAME_BYTES,
     AttachmentPath,
@@ -18,6 +21,7 @@ from couchtoken.names import (
     encode_segment,
     parse_download_path,
 )
+from couchtoken.throttle import GuessThrottle
 from couchtoken.tokens import document_tokens, token_matches
 
 
@@ -202,3 +206,86 @@ def test_refusals_say_what_is_wrong(raw, reason):
         parse_download_path(raw)
     assert bad.value.reason == reason
     assert str(bad.value) == reason
+
+
+# -- Signed links and guess throttling --------------------------------------------------
+
+
+def test_signed_link_checks():
+    sig = signature("new", "db", "d/1", "a b.txt", 1700000000).encode()
+    assert len(sig) == 64
+    assert signature_matches(("old", "new"), "db", "d/1", "a b.txt", 1700000000, sig)
+    assert signature_matches(("new",), "db", "d/1", "a b.txt", 1700000000, sig.upper())
+    assert not signature_matches(("old",), "db", "d/1", "a b.txt", 1700000000, sig)
+    assert not signature_matches((), "db", "d/1", "a b.txt", 1700000000, sig)
+    assert not signature_matches(("new",), "db", "d/1", "a b.txt", 1700000001, sig)
+    assert not signature_matches(("new",), "db", "d/1", "a b.txt", 1700000000, sig[:-1])
+    for changed in (("db2", "d/1", "a b.txt"), ("db", "d/2", "a b.txt"), ("db", "d/1", "a b.txd")):
+        assert not signature_matches(("new",), *changed, 1700000000, sig)
+    url = sign_url("https://h/", "db", "d/1", "x/a b.txt", "new", 1700000000)
+    expected = signature("new", "db", "d/1", "x/a b.txt", 1700000000)
+    assert url == f"https://h/db/d%2F1/x/a%20b.txt?expires=1700000000&sig={expected}"
+
+
+class _Request:
+    def __init__(self, peer: str, forwarded: str | None = None) -> None:
+        self._peer = peer
+        self.requestHeaders = Headers({b"x-forwarded-for": [forwarded.encode()]} if forwarded else {})
+
+    def getClientAddress(self):
+        return type("Address", (), {"host": self._peer})()
+
+
+def test_the_window_ends_on_the_clock():
+    clock = Clock()
+    throttle = GuessThrottle(clock, 2, window=60)
+    throttle.failed("a")
+    clock.advance(10)
+    throttle.failed("a")
+    assert throttle.retry_after("a") == 50
+    assert throttle.retry_after("b") is None
+    clock.advance(50.5)
+    assert throttle.retry_after("a") is None
+    throttle.failed("a")
+    assert throttle.retry_after("a") is None
+
+
+def test_zero_turns_throttling_off_and_proxies_are_resolved():
+    clock = Clock()
+    off = GuessThrottle(clock, 0)
+    for _ in range(100):
+        off.failed("a")
+    assert off.retry_after("a") is None
+    behind = GuessThrottle(clock, 1, trusted_proxies=["10.0.0.0/8", "127.0.0.1"])
+    assert behind.client(_Request("127.0.0.1", "203.0.113.5, 10.1.2.3")) == "203.0.113.5"
+    assert behind.client(_Request("203.0.113.9", "198.51.100.1")) == "203.0.113.9"
+    assert behind.client(_Request("127.0.0.1", "not-an-ip")) == "not-an-ip"
+    assert behind.client(_Request("127.0.0.1")) == "127.0.0.1"
+
+
+def test_signed_link_details():
+    sig = signature("new", "a/b", "d", "f", 1).encode()
+    # The matching token may come first in a rotation list.
+    assert signature_matches(("new", "old"), "a/b", "d", "f", 1, sig)
+    assert sign_url("https://BOX", "a/b", "d", "f", "new", 1).startswith("https://BOX/a%2Fb/d/f?")
+
+
+def test_throttle_details():
+    clock = Clock()
+    default = GuessThrottle(clock, 1)
+    default.failed("a")
+    assert default.retry_after("a") == 60  # a one-minute window by default
+    clock.advance(59.5)
+    assert default.retry_after("a") == 1
+    three = GuessThrottle(clock, 3)
+    three.failed("b")
+    three.failed("b")
+    assert three.retry_after("b") is None
+    three.failed("b")
+    assert three.retry_after("b") == 60
+    proxies = GuessThrottle(clock, 1, trusted_proxies=["127.0.0.1/8"])  # host bits set: still a network
+    request = _Request("127.0.0.2", "203.0.113.1, 198.51.100.2")
+    request.requestHeaders.addRawHeader(b"x-forwarded-for", b"127.0.0.3")  # a second header line
+    assert proxies.client(request) == "198.51.100.2"
+    nameless = type("Request", (), {"getClientAddress": lambda self: object()})()
+    assert proxies.client(nameless) == ""

@@ -6,7 +6,8 @@ NODE_MODULES := tests/node_modules/.package-lock.json
 
 .PHONY: run test lint mutation clean
 
-$(BIN)/.installed: setup.py
+# Reinstalled when the package list or the twist plugin changes (the plugin is read from site-packages too).
+$(BIN)/.installed: setup.py $(wildcard twisted/plugins/*.py)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet '.[test]'
@@ -17,7 +18,7 @@ $(NODE_MODULES): tests/package.json tests/package-lock.json
 
 ## Serve downloads against $$COUCHDB_URL, or a local seeded PouchDB Server.
 run: $(BIN)/.installed $(NODE_MODULES)
-	$(BIN)/python -m couchtoken.demo
+	$(BIN)/python -m couchtoken.dev.demo
 
 ## Install everything and run the whole test suite.
 test: $(BIN)/.installed $(NODE_MODULES)

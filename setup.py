@@ -1,4 +1,4 @@
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="couchtoken",
@@ -8,7 +8,7 @@ setup(
     long_description_content_type="text/x-rst",
     license="MIT",
     python_requires=">=3.11",
-    packages=["couchtoken", "twisted.plugins"],
+    packages=[*find_packages(include=["couchtoken", "couchtoken.*"]), "twisted.plugins"],
     install_requires=[
         "twisted[tls]>=24.7",
         "treq>=24.9",

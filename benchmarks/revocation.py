@@ -26,7 +26,7 @@ from twisted.internet.defer import ensureDeferred
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from couchtoken.devserver import CouchAdmin, PouchDBServer  # noqa: E402
+from couchtoken.dev.pouchdb import CouchAdmin, PouchDBServer  # noqa: E402
 from tests.faultproxy import FaultProxy  # noqa: E402
 from tests.twistproc import TwistProcess  # noqa: E402
 

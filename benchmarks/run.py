@@ -37,7 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from couchtoken.devserver import CouchAdmin, PouchDBServer  # noqa: E402
+from couchtoken.dev.pouchdb import CouchAdmin, PouchDBServer  # noqa: E402
 from tests.twistproc import TwistProcess, rss_bytes  # noqa: E402
 
 DB, DOC, TOKEN = "bench", "doc", "bench-token"

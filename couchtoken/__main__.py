@@ -7,7 +7,7 @@ import os
 import sys
 import time
 
-from couchtoken.links import DEFAULT_MAX_LIFETIME, sign_url
+from couchtoken.access.links import DEFAULT_MAX_LIFETIME, sign_url
 
 
 def main(argv: list[str] | None = None) -> int:

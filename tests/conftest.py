@@ -22,9 +22,10 @@ from twisted.internet.defer import ensureDeferred
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.logger import globalLogPublisher
 
-from couchtoken.config import CouchDBServer, Settings
-from couchtoken.devserver import CouchAdmin, PouchDBServer
-from couchtoken.tap import Couchtoken, build
+from couchtoken.dev.pouchdb import CouchAdmin, PouchDBServer
+from couchtoken.ops.services import Couchtoken, build
+from couchtoken.ops.settings import Settings
+from couchtoken.upstream.server import CouchDBServer
 from tests.faultproxy import FaultProxy
 from tests.http import fetch, service_url
 

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from couchtoken.devserver import ROOT, free_port
+from couchtoken.dev.pouchdb import ROOT, free_port
 
 
 def rss_bytes(pid: int) -> int:

@@ -2,7 +2,7 @@ from twisted.application.service import ServiceMaker
 
 couchtoken = ServiceMaker(
     "couchtoken",
-    "couchtoken.tap",
+    "couchtoken.ops.tap",
     "Token-guarded download links for CouchDB attachments.",
     "couchtoken",
 )

@@ -1,0 +1,110 @@
+"""The services that start and stop a running couchtoken: ports, drain, SIGTERM, the client."""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import CancelledError
+from twisted.logger import Logger
+
+from couchtoken.ops.settings import Settings
+from couchtoken.upstream.client import CouchDBClient
+from couchtoken.web.inflight import InFlight
+
+_log = Logger()
+
+
+class CouchDBClientService(Service):
+    """Logs the configuration at start; closes pooled connections at stop."""
+
+    def __init__(self, client: CouchDBClient, settings: Settings) -> None:
+        self._client = client
+        self._settings = settings
+
+    def startService(self) -> None:
+        super().startService()
+        _log.info("couchtoken starting: {settings}", settings=self._settings.describe())
+
+    def stopService(self) -> Any:
+        super().stopService()
+        return self._client.close()
+
+
+class DrainService(Service):
+    """Stopped after the listening port: lets running downloads finish (``--drain-timeout``)."""
+
+    def __init__(self, in_flight: InFlight, timeout: float) -> None:
+        self._in_flight = in_flight
+        self._timeout = timeout
+
+    def stopService(self) -> Any:
+        super().stopService()
+        return self._in_flight.drain(self._timeout)
+
+
+class ExitCleanlyOnSigterm(Service):
+    """SIGTERM stops the reactor (so the drain runs) and the process exits 0.
+
+    Twisted's own handler makes the process die by the signal after shutdown;
+    a drained, orderly stop should end with status 0.  Installed once the
+    reactor runs, after Twisted has installed its own handlers.
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+
+    def startService(self) -> None:
+        super().startService()
+        self._reactor.callWhenRunning(signal.signal, signal.SIGTERM, self._terminate)
+
+    def _terminate(self, signum: int, frame: object) -> None:
+        _log.info("Received SIGTERM: closing the ports and draining downloads")
+        self._reactor.callFromThread(self._reactor.stop)
+
+
+class ListeningPort(Service):
+    """Listens on an endpoint; one that cannot be opened stops the process with status 1.
+
+    (Twisted's StreamServerEndpointService only logs the failure and runs on
+    without a port; systemd's Restart=on-failure needs the process to exit.)
+    """
+
+    def __init__(self, endpoint: Any, factory: Any, reactor: Any, description: str) -> None:
+        self._endpoint = endpoint
+        self._factory = factory
+        self._reactor = reactor
+        self._description = description
+        self._listening: Any = None
+        self._port: Any = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self._listening = self._endpoint.listen(self._factory)
+        self._listening.addCallbacks(self._listened, self._failed)
+
+    def startService(self) -> None:
+        super().startService()
+        if self._listening is None:
+            self.privilegedStartService()
+
+    def stopService(self) -> Any:
+        super().stopService()
+        if self._port is not None:
+            port, self._port = self._port, None
+            return port.stopListening()
+        if self._listening is not None and not self._listening.called:
+            self._listening.cancel()
+        return None
+
+    def _listened(self, port: Any) -> None:
+        self._port = port
+
+    def _failed(self, failure: Any) -> None:
+        if failure.check(CancelledError):
+            return
+        _log.critical("Cannot listen on {port}: {why}", port=self._description, why=failure.getErrorMessage())
+        self._reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
+        self._reactor.callWhenRunning(self._reactor.stop)

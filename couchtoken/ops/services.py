@@ -1,0 +1,110 @@
+"""Wiring: one running couchtoken from its settings (everything but the listening ports)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+from twisted.application.service import MultiService
+from twisted.web.server import Site
+
+from couchtoken.access.throttle import GuessThrottle
+from couchtoken.ops.health import HealthCheck, OpsApp, OpsEndpoints
+from couchtoken.ops.lifecycle import CouchDBClientService, DrainService
+from couchtoken.ops.settings import Settings
+from couchtoken.upstream.blobs import BlobCache
+from couchtoken.upstream.cache import DocumentCache
+from couchtoken.upstream.client import CouchDBClient
+from couchtoken.upstream.feeds import FeedManager
+from couchtoken.web.accesslog import DownloadSite
+from couchtoken.web.delivery import Delivery
+from couchtoken.web.inflight import InFlight
+from couchtoken.web.metrics import Metrics
+from couchtoken.web.presentation import Presentation
+from couchtoken.web.routes import DownloadApp
+
+
+@attrs.define
+class Couchtoken:
+    """The parts of a running couchtoken, wired together (everything but the listening ports)."""
+
+    settings: Settings
+    client: CouchDBClient
+    feeds: FeedManager
+    documents: DocumentCache
+    app: DownloadApp
+    metrics: Metrics
+    blobs: BlobCache
+    site: DownloadSite
+    ops_site: Site
+    service: MultiService
+
+
+def build(settings: Settings, reactor: Any) -> Couchtoken:
+    """Wire the CouchDB client, the feeds, the cache, metrics and the web sites."""
+    client = CouchDBClient(
+        settings.couchdb,
+        reactor,
+        connect_timeout=settings.connect_timeout,
+        response_timeout=settings.response_timeout,
+        max_connections_per_host=settings.max_connections_per_host,
+    )
+    feeds = FeedManager(client, reactor, max_feeds=settings.max_feeds, heartbeat=settings.feed_heartbeat)
+    documents = DocumentCache(
+        client.fetch_document,
+        settings.token_field,
+        feeds,
+        reactor,
+        maxsize=settings.cache_size,
+        ttl=settings.cache_ttl,
+    )
+    feeds.on_change = documents.evict
+    feeds.on_gap = documents.drop_database
+    blobs = BlobCache(settings.blob_cache_bytes, settings.blob_cache_max_item)
+    metrics = Metrics()
+    metrics.watch(
+        lambda: {
+            "cache_hits": documents.hits,
+            "cache_misses": documents.misses,
+            "cache_evictions": documents.evictions,
+            "revocations_applied": documents.revocations,
+            "feed_reconnects": feeds.reconnects,
+            "cache_entries": len(documents),
+            "feeds_connected": feeds.connected(),
+            "blob_cache_hits": blobs.hits,
+            "blob_cache_misses": blobs.misses,
+            "blob_cache_bytes": blobs.bytes_held,
+        }
+    )
+    health = HealthCheck(client, feeds, documents, reactor, timeout=min(settings.response_timeout, 5.0))
+    ops = OpsEndpoints(health, metrics)
+    delivery = Delivery(
+        client,
+        blobs,
+        Presentation(settings.sandbox_types, settings.force_download_types),
+        metrics,
+        clock=reactor,
+        idle_timeout=settings.idle_timeout,
+        upstream_timeout=settings.response_timeout,
+    )
+    app = DownloadApp(
+        documents,
+        delivery,
+        InFlight(reactor, settings.max_downloads),
+        metrics=metrics,
+        clock=reactor,
+        operator_pages=ops.public_pages(with_metrics=settings.metrics_port is None),
+        databases=settings.databases,
+        max_link_lifetime=settings.max_link_lifetime,
+        throttle=GuessThrottle(reactor, settings.max_failures, trusted_proxies=settings.trusted_proxies),
+    )
+    site = DownloadSite(
+        app.resource(), metrics=metrics, log_format=settings.access_log_format, reactor=reactor
+    )
+    ops_site = Site(OpsApp(ops).resource(), reactor=reactor)
+    ops_site.log = lambda request: None  # polled every few seconds: not worth a log line
+    service = MultiService()
+    CouchDBClientService(client, settings).setServiceParent(service)
+    feeds.setServiceParent(service)
+    DrainService(app.in_flight, settings.drain_timeout).setServiceParent(service)
+    return Couchtoken(settings, client, feeds, documents, app, metrics, blobs, site, ops_site, service)

@@ -1,0 +1,61 @@
+"""Settings of a running service."""
+
+from __future__ import annotations
+
+import attrs
+
+from couchtoken.upstream.server import ConfigError, CouchDBServer
+
+DEFAULT_TOKEN_FIELD = "download_token"
+
+
+def parse_token_field(value: str) -> tuple[str, ...]:
+    """``data.token`` -> ``("data", "token")``; empty parts are refused."""
+    path = tuple(value.split("."))
+    if not value or any(not part for part in path):
+        raise ConfigError(f"the token field {value!r} is not a dotted field name")
+    return path
+
+
+@attrs.frozen
+class Settings:
+    """Everything the download service needs to run."""
+
+    couchdb: CouchDBServer
+    token_field: tuple[str, ...] = (DEFAULT_TOKEN_FIELD,)
+    connect_timeout: float = 5.0
+    response_timeout: float = 30.0
+    max_connections_per_host: int = 32
+    cache_size: int = 10_000
+    cache_ttl: float = 600.0
+    max_feeds: int = 100
+    feed_heartbeat: float = 5.0
+    max_downloads: int = 1000
+    idle_timeout: float = 60.0
+    drain_timeout: float = 30.0
+    access_log_format: str = "combined"
+    metrics_port: str | None = None
+    blob_cache_bytes: int = 64 * 1024 * 1024
+    blob_cache_max_item: int = 256 * 1024
+    sandbox_types: tuple[str, ...] = ()
+    force_download_types: tuple[str, ...] = ()
+    databases: tuple[str, ...] = ()
+    max_link_lifetime: float = 7 * 24 * 3600.0
+    max_failures: int = 30
+    trusted_proxies: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        """One line for the start-up log, credentials masked."""
+        return (
+            f"couchdb={self.couchdb!r} token_field={'.'.join(self.token_field)} "
+            f"connect_timeout={self.connect_timeout}s "
+            f"response_timeout={self.response_timeout}s "
+            f"max_connections_per_host={self.max_connections_per_host} "
+            f"cache_size={self.cache_size} cache_ttl={self.cache_ttl}s "
+            f"max_feeds={self.max_feeds} feed_heartbeat={self.feed_heartbeat}s "
+            f"max_downloads={self.max_downloads} idle_timeout={self.idle_timeout}s "
+            f"drain_timeout={self.drain_timeout}s log_format={self.access_log_format} "
+            f"metrics_port={self.metrics_port or 'public port'} "
+            f"blob_cache_bytes={self.blob_cache_bytes} blob_cache_max_item={self.blob_cache_max_item} "
+            f"databases={','.join(self.databases) or '*'}"
+        )

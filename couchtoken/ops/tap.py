@@ -1,0 +1,285 @@
+"""``twist couchtoken``: the command-line options, and the service tree they make.
+
+Options win over environment variables (``COUCHDB_URL``,
+``DOWNLOAD_TOKEN_KEY_NAME``), which win over the built-in defaults.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from twisted.application.service import MultiService
+from twisted.internet.endpoints import serverFromString
+from twisted.python import usage
+
+from couchtoken.ops.lifecycle import ExitCleanlyOnSigterm, ListeningPort
+from couchtoken.ops.services import build
+from couchtoken.ops.settings import DEFAULT_TOKEN_FIELD, Settings, parse_token_field
+from couchtoken.upstream.server import DEFAULT_COUCHDB_URL, ConfigError, CouchDBServer
+
+
+def _positive(value: str) -> float:
+    number = float(value)
+    if not number > 0:
+        raise ValueError("must be a positive number")
+    return number
+
+
+_positive.coerceDoc = "A positive number of seconds."  # type: ignore[attr-defined]
+
+
+def _count(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise ValueError("must not be negative")
+    return number
+
+
+_count.coerceDoc = "A whole number, 0 or more."  # type: ignore[attr-defined]
+
+
+def _log_format(value: str) -> str:
+    if value not in ("combined", "json"):
+        raise ValueError("must be combined or json")
+    return value
+
+
+_log_format.coerceDoc = "combined or json."  # type: ignore[attr-defined]
+
+
+def _list(value: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in value.split(",") if item.strip())
+
+
+def _read_url_file(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.read().strip()
+    except OSError as exc:
+        raise usage.UsageError(f"cannot read the CouchDB URL file {path}: {exc.strerror}") from None
+
+
+class Options(usage.Options):
+    """twist couchtoken [options]"""
+
+    synopsis = "[options]"
+    longdesc = (
+        "Serve CouchDB attachments at /<db>/<docid>/<attachment>?token=<t>, "
+        "guarded by each document's download token."
+    )
+    optParameters = [
+        ["port", "p", "tcp:8000", "Endpoint to listen on (tcp:8000, ssl:..., unix:..., systemd:...)."],
+        [
+            "couchdb-url",
+            None,
+            None,
+            "CouchDB URL with admin credentials, http://user:pass@host:5984 "
+            f"(default: $COUCHDB_URL, else {DEFAULT_COUCHDB_URL}).",
+        ],
+        [
+            "token-field",
+            None,
+            None,
+            "Document field holding the download token; dots mean nesting, e.g. data.token "
+            f"(default: $DOWNLOAD_TOKEN_KEY_NAME, else {DEFAULT_TOKEN_FIELD}).",
+        ],
+        ["connect-timeout", None, 5.0, "Seconds to wait for a connection to CouchDB (then 504).", _positive],
+        [
+            "response-timeout",
+            None,
+            30.0,
+            "Seconds to wait for CouchDB's response headers or a whole document (then 504), "
+            "and the longest silence allowed in the middle of an attachment.",
+            _positive,
+        ],
+        ["max-connections", None, 32, "Persistent connections kept open to CouchDB.", int],
+        [
+            "cache-size",
+            None,
+            10_000,
+            "Documents whose token check is cached (0 turns the cache and the feeds off).",
+            _count,
+        ],
+        [
+            "cache-ttl",
+            None,
+            600.0,
+            "Seconds a cached document lives at most; a safety net, the _changes feeds keep it fresh.",
+            _positive,
+        ],
+        [
+            "max-feeds",
+            None,
+            100,
+            "Databases followed by a _changes feed at once; past it the least recently used stop.",
+            _count,
+        ],
+        [
+            "feed-heartbeat",
+            None,
+            5.0,
+            "Seconds between the feeds' heartbeats; a feed silent for twice that plus 1 s reconnects.",
+            _positive,
+        ],
+        [
+            "couchdb-url-file",
+            None,
+            None,
+            "Read the CouchDB URL from this file instead (default: $COUCHDB_URL_FILE); "
+            "keeps the password off the command line, e.g. with systemd's LoadCredential=.",
+        ],
+        ["max-downloads", None, 1000, "Downloads served at once; past it, 503 with Retry-After.", _count],
+        [
+            "idle-timeout",
+            None,
+            60.0,
+            "Seconds a client may read nothing before its download is cut.",
+            _positive,
+        ],
+        [
+            "drain-timeout",
+            None,
+            30.0,
+            "On SIGTERM, seconds running downloads get to finish before they are cut.",
+            _positive,
+        ],
+        ["log-format", None, "combined", "Access log lines: combined (Apache style) or json.", _log_format],
+        [
+            "blob-cache-bytes",
+            None,
+            64 * 1024 * 1024,
+            "Bytes of small attachment bodies kept in memory (0 turns the blob cache off).",
+            _count,
+        ],
+        [
+            "blob-cache-max-item",
+            None,
+            256 * 1024,
+            "Largest attachment body, in bytes, the blob cache keeps.",
+            _count,
+        ],
+        [
+            "databases",
+            None,
+            "",
+            "Comma-separated globs of the databases served (e.g. userdb-*,media); others get 403. "
+            "Default: all.",
+        ],
+        [
+            "sandbox-types",
+            None,
+            "",
+            "Comma-separated media types served with Content-Security-Policy: sandbox, besides "
+            "HTML, XHTML, SVG and XML.",
+        ],
+        [
+            "force-download-types",
+            None,
+            "",
+            "Comma-separated media types always served as Content-Disposition: attachment.",
+        ],
+        [
+            "max-link-lifetime",
+            None,
+            7 * 24 * 3600.0,
+            "Seconds ahead a signed link's expiry may be at most.",
+            _positive,
+        ],
+        [
+            "max-failures",
+            None,
+            30,
+            "Failed token checks a client address may make per minute; past it, 429 (0: no limit).",
+            _count,
+        ],
+        [
+            "trusted-proxies",
+            None,
+            "",
+            "Comma-separated addresses or networks of reverse proxies whose X-Forwarded-For "
+            "names the client.",
+        ],
+        [
+            "metrics-port",
+            None,
+            None,
+            "Endpoint serving /_metrics and /_health apart (e.g. tcp:9100:interface=127.0.0.1); "
+            "when given, /_metrics leaves the public port.",
+        ],
+    ]
+
+    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+        super().__init__()
+        self._environ = os.environ if environ is None else environ
+
+    def _couchdb_url(self) -> str:
+        """Command line first, then the environment; a URL or a file holding one, not both."""
+        for url, path, where in (
+            (self["couchdb-url"], self["couchdb-url-file"], "--couchdb-url and --couchdb-url-file"),
+            (
+                self._environ.get("COUCHDB_URL"),
+                self._environ.get("COUCHDB_URL_FILE"),
+                "COUCHDB_URL and _FILE",
+            ),
+        ):
+            if url and path:
+                raise usage.UsageError(f"give one of {where}, not both")
+            if url:
+                return url
+            if path:
+                return _read_url_file(path)
+        return DEFAULT_COUCHDB_URL
+
+    def postOptions(self) -> None:
+        url = self._couchdb_url()
+        field = self["token-field"] or self._environ.get("DOWNLOAD_TOKEN_KEY_NAME") or DEFAULT_TOKEN_FIELD
+        try:
+            self["settings"] = Settings(
+                couchdb=CouchDBServer.from_url(url),
+                token_field=parse_token_field(field),
+                connect_timeout=self["connect-timeout"],
+                response_timeout=self["response-timeout"],
+                max_connections_per_host=self["max-connections"],
+                cache_size=self["cache-size"],
+                cache_ttl=self["cache-ttl"],
+                max_feeds=self["max-feeds"],
+                feed_heartbeat=self["feed-heartbeat"],
+                max_downloads=self["max-downloads"],
+                idle_timeout=self["idle-timeout"],
+                drain_timeout=self["drain-timeout"],
+                access_log_format=self["log-format"],
+                metrics_port=self["metrics-port"],
+                blob_cache_bytes=self["blob-cache-bytes"],
+                blob_cache_max_item=self["blob-cache-max-item"],
+                sandbox_types=_list(self["sandbox-types"]),
+                force_download_types=_list(self["force-download-types"]),
+                databases=_list(self["databases"]),
+                max_link_lifetime=self["max-link-lifetime"],
+                max_failures=self["max-failures"],
+                trusted_proxies=_list(self["trusted-proxies"]),
+            )
+        except ConfigError as exc:
+            raise usage.UsageError(str(exc)) from None
+        # The URL may hold a password: keep only the parsed, masked form.
+        self["couchdb-url"] = repr(self["settings"].couchdb)
+
+
+def makeService(config: Options, reactor: Any = None) -> MultiService:
+    """The service tree ``twist couchtoken`` runs."""
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    settings: Settings = config["settings"]
+    parts = build(settings, reactor)
+    # Stopping runs in reverse order: the ports close first, then downloads drain.
+    ports = [(config["port"], parts.site)]
+    if settings.metrics_port:
+        ports.append((settings.metrics_port, parts.ops_site))
+    for description, site in ports:
+        endpoint = serverFromString(reactor, description)
+        ListeningPort(endpoint, site, reactor, description).setServiceParent(parts.service)
+    ExitCleanlyOnSigterm(reactor).setServiceParent(parts.service)
+    return parts.service

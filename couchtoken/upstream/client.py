@@ -1,0 +1,238 @@
+"""The only way couchtoken talks to CouchDB: a few GETs, nothing else.
+
+``fetch_document`` reads ``GET /<db>/<docid>``; ``open_attachment`` starts
+``GET /<db>/<docid>/<attachment>?rev=<rev>`` and hands back the unread
+response so its body can be streamed; ``open_changes`` starts a database's
+continuous ``_changes`` feed; ``ping`` asks ``GET /`` for health checks.
+
+A plain ``Agent`` is used rather than ``treq.HTTPClient``, which always adds
+gzip decoding (and a cookie jar and redirects): attachment bytes must reach
+the client exactly as CouchDB sent them.  treq's body helpers are used to read what is buffered.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import treq
+from twisted.internet import defer, error
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed, _HTTP11ClientFactory
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IResponse
+
+from couchtoken import __version__
+from couchtoken.access.names import AttachmentPath, attachment_path, document_path, encode_segment
+from couchtoken.upstream.server import CouchDBServer
+
+MAX_DOCUMENT_BYTES = 16 * 1024 * 1024
+MAX_ERROR_BODY_BYTES = 64 * 1024
+_USER_AGENT = f"couchtoken/{__version__}".encode("ascii")
+
+
+class UpstreamError(Exception):
+    """CouchDB could not be reached, or answered something unusable (502)."""
+
+    status = 502
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(f"{kind}: {detail}")
+        self.kind = kind
+        self.detail = detail
+
+
+class UpstreamTimeout(UpstreamError):
+    """CouchDB did not connect or answer in time (504)."""
+
+    status = 504
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class _QuietClientFactory(_HTTP11ClientFactory):
+    """The pool's connection factory, without a log line per upstream connection."""
+
+    noisy = False
+
+
+def _translate(failure_value: BaseException) -> UpstreamError:
+    """Map a Twisted client error to an UpstreamError with a safe message."""
+    if isinstance(failure_value, UpstreamError):
+        return failure_value
+    if isinstance(failure_value, error.TimeoutError):
+        return UpstreamTimeout("connect_timeout", "connecting to CouchDB timed out")
+    if isinstance(failure_value, error.ConnectError):
+        return UpstreamError("connect", f"cannot connect to CouchDB ({type(failure_value).__name__})")
+    if isinstance(failure_value, ResponseFailed):
+        reasons = ", ".join(sorted({type(r.value).__name__ for r in failure_value.reasons}))
+        return UpstreamError("protocol", f"CouchDB's response failed ({reasons})")
+    if isinstance(failure_value, _BodyTooLarge):
+        return UpstreamError("too_large", "CouchDB's document is too large")
+    reasons = getattr(failure_value, "reasons", None)
+    if reasons:  # ResponseNeverReceived, RequestTransmissionFailed
+        names = ", ".join(sorted({type(r.value).__name__ for r in reasons}))
+        return UpstreamError("protocol", f"CouchDB did not answer ({names})")
+    return UpstreamError("protocol", f"CouchDB request failed ({type(failure_value).__name__})")
+
+
+async def read_limited(response: IResponse, limit: int) -> bytes:
+    """Read a whole response body, refusing more than ``limit`` bytes."""
+    chunks: list[bytes] = []
+    size = 0
+
+    def collect(data: bytes) -> None:
+        nonlocal size
+        size += len(data)
+        if size > limit:
+            raise _BodyTooLarge()
+        chunks.append(data)
+
+    await treq.collect(response, collect)
+    return b"".join(chunks)
+
+
+class CouchDBClient:
+    """GETs documents and attachments from one CouchDB server."""
+
+    def __init__(
+        self,
+        server: CouchDBServer,
+        reactor: Any,
+        *,
+        connect_timeout: float,
+        response_timeout: float,
+        max_connections_per_host: int,
+    ) -> None:
+        self._server = server
+        self._reactor = reactor
+        self._response_timeout = response_timeout
+        self.pool = HTTPConnectionPool(reactor, persistent=True)
+        self.pool.maxPersistentPerHost = max_connections_per_host
+        self.pool.cachedConnectionTimeout = 30
+        self.pool._factory = _QuietClientFactory  # a documented, if private, ivar
+        self._agent = Agent(reactor, connectTimeout=connect_timeout, pool=self.pool)
+        # Feeds hold their connection for as long as they live: keep them out of the pool.
+        feed_pool = HTTPConnectionPool(reactor, persistent=False)
+        feed_pool._factory = _QuietClientFactory
+        self._feed_agent = Agent(reactor, connectTimeout=connect_timeout, pool=feed_pool)
+        self._log = Logger()
+
+    def __repr__(self) -> str:
+        return f"CouchDBClient({self._server!r})"
+
+    def _headers(self, **extra: bytes) -> Headers:
+        headers = Headers({b"user-agent": [_USER_AGENT]})
+        if self._server.authorization is not None:
+            headers.setRawHeaders(b"authorization", [self._server.authorization])
+        for name, value in extra.items():
+            headers.setRawHeaders(name.replace("_", "-").encode("ascii"), [value])
+        return headers
+
+    def _url(self, path: str, query: str = "") -> bytes:
+        url = self._server.base_url + path
+        if query:
+            url += "?" + query
+        return url.encode("ascii")
+
+    def _with_timeout(self, d: Deferred, what: str, timeout: float | None = None) -> Deferred:
+        def timed_out(result: object, timeout: float) -> None:
+            raise UpstreamTimeout("response_timeout", f"CouchDB did not answer {what} in {timeout:g}s")
+
+        return d.addTimeout(timeout or self._response_timeout, self._reactor, onTimeoutCancel=timed_out)
+
+    async def _get(self, url: bytes, headers: Headers, agent: Agent | None = None) -> IResponse:
+        try:
+            return await (agent or self._agent).request(b"GET", url, headers)
+        except defer.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - every client failure maps to 502/504
+            raise _translate(exc) from None
+
+    async def fetch_document(self, db: str, docid: str) -> dict[str, Any] | None:
+        """The document's JSON, or None when the document or database is missing."""
+        return await self._with_timeout(
+            Deferred.fromCoroutine(self._fetch_document(db, docid)), "a document request"
+        )
+
+    async def _fetch_document(self, db: str, docid: str) -> dict[str, Any] | None:
+        url = self._url(document_path(db, docid))
+        response = await self._get(url, self._headers(accept=b"application/json"))
+        if response.code == 404:
+            await self.discard(response)
+            return None
+        if response.code != 200:
+            await self.discard(response)
+            raise _status_error(response.code)
+        try:
+            body = await read_limited(response, MAX_DOCUMENT_BYTES)
+        except defer.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise _translate(exc) from None
+        try:
+            document = json.loads(body)
+        except ValueError:
+            raise UpstreamError("garbage", "CouchDB sent a document that is not JSON") from None
+        if not isinstance(document, dict):
+            raise UpstreamError("garbage", "CouchDB sent a document that is not an object")
+        return document
+
+    async def open_attachment(
+        self,
+        target: AttachmentPath,
+        rev: str | None,
+        *,
+        byte_range: tuple[int, int] | None = None,
+        accept_gzip: bool = False,
+    ) -> IResponse:
+        """Start the attachment GET (pinned to ``rev``); the body is left unread."""
+        extra: dict[str, bytes] = {}
+        if byte_range is not None:
+            start, stop = byte_range
+            extra["range"] = b"bytes=%d-%d" % (start, stop - 1)
+        if accept_gzip:
+            extra["accept_encoding"] = b"gzip"
+        query = "rev=" + encode_segment(rev) if rev else ""
+        url = self._url(attachment_path(target), query)
+        d = Deferred.fromCoroutine(self._get(url, self._headers(**extra)))
+        return await self._with_timeout(d, "an attachment request")
+
+    async def open_changes(self, db: str, heartbeat: float, timeout: float) -> IResponse:
+        """Start ``GET /<db>/_changes?feed=continuous&heartbeat=..&since=now``; the body streams on."""
+        query = f"feed=continuous&heartbeat={max(1, round(heartbeat * 1000))}&since=now"
+        url = self._url(f"/{encode_segment(db)}/_changes", query)
+        d = Deferred.fromCoroutine(
+            self._get(url, self._headers(accept=b"application/json"), self._feed_agent)
+        )
+        return await self._with_timeout(d, "a changes feed request", timeout)
+
+    async def ping(self, timeout: float) -> bool:
+        """Whether CouchDB answers ``GET /`` with 200 within ``timeout`` seconds."""
+        try:
+            d = Deferred.fromCoroutine(self._get(self._url("/"), self._headers(accept=b"application/json")))
+            response = await self._with_timeout(d, "a health check", timeout)
+            await self.discard(response)
+            return response.code == 200
+        except UpstreamError:
+            return False
+
+    async def discard(self, response: IResponse) -> None:
+        """Read and drop a small body so the connection can be reused."""
+        try:
+            await read_limited(response, MAX_ERROR_BODY_BYTES)
+        except Exception:  # noqa: BLE001 - the connection is simply not reused
+            pass
+
+    def close(self) -> Deferred:
+        """Close pooled connections (on service stop)."""
+        return self.pool.closeCachedConnections()
+
+
+def _status_error(code: int) -> UpstreamError:
+    if code in (401, 403):
+        return UpstreamError("unauthorized", f"CouchDB refused the service's credentials ({code})")
+    return UpstreamError("status", f"CouchDB answered {code}")

@@ -1,0 +1,309 @@
+"""One continuous ``_changes`` feed per database with cached documents.
+
+Each feed is a Twisted ``Service`` under ``FeedManager``.  It reads the feed
+line by line as it streams; every change evicts that document from the cache
+(a deletion is a change too).  A heartbeat is requested from CouchDB, and a
+watchdog on the injected clock drops the connection when neither a change
+nor a heartbeat arrives in time.  Errors, server closes and watchdog expiries
+are retried with ``backoffPolicy`` (jittered, capped).  A 404 means the
+database is gone: its entries are dropped and its feed stops until needed.
+
+A feed is *live* from the moment CouchDB's response headers arrive (the feed
+was asked for ``since=now``, so every later change will be delivered) until
+its connection is lost.  Each live period has its own epoch number; see
+``couchtoken.upstream.cache`` for how entries are tied to it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+from cachetools import TTLCache
+from twisted.application.internet import backoffPolicy
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.logger import Logger
+from twisted.protocols.basic import LineOnlyReceiver
+from twisted.python.failure import Failure
+
+from couchtoken.upstream.client import CouchDBClient, UpstreamError
+
+_log = Logger()
+
+OnChange = Callable[[str, str], None]
+OnGap = Callable[[str], None]
+
+
+class _FeedLines(LineOnlyReceiver):
+    """Splits the streamed body into lines; every byte feeds the watchdog."""
+
+    delimiter = b"\n"
+    MAX_LENGTH = 1024 * 1024
+
+    def __init__(self, feed: ChangesFeed) -> None:
+        self._feed = feed
+        self.finished: Deferred[BaseException] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self._feed.heard()
+        super().dataReceived(data)
+
+    def lineReceived(self, line: bytes) -> None:
+        self._feed.line(line)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self.transport.stopProducing()
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.finished.callback(reason.value)  # the exception, not the Failure: this is no error
+
+
+class ChangesFeed(Service):
+    """Follows ``/<db>/_changes?feed=continuous`` and reports each changed document id."""
+
+    def __init__(
+        self,
+        db: str,
+        client: CouchDBClient,
+        clock: Any,
+        *,
+        heartbeat: float,
+        on_change: OnChange,
+        on_gap: OnGap,
+        on_gone: OnGap,
+        policy: Callable[[int], float] | None = None,
+    ) -> None:
+        self.name = db
+        self.db = db
+        self._client = client
+        self._clock = clock
+        self._heartbeat = heartbeat
+        self._on_change = on_change
+        self._on_gap = on_gap
+        self._on_gone = on_gone
+        self._policy = policy or backoffPolicy(initialDelay=0.25, maxDelay=30.0, factor=2.0)
+        self.live = False
+        self.epoch = 0
+        self.last_seq: Any = None
+        self.reconnects = 0
+        self._attempt = 0
+        self._connecting: Deferred | None = None
+        self._transport: Any = None
+        self._retry: Any = None
+        self._watchdog: Any = None
+
+    @property
+    def watchdog_timeout(self) -> float:
+        """How long silence may last before the connection is presumed dead."""
+        return self._heartbeat * 2 + 1.0
+
+    def startService(self) -> None:
+        super().startService()
+        self._connect()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self._cancel_timers()
+        if self._connecting is not None:
+            self._connecting.cancel()
+        if self._transport is not None:
+            self._transport.stopProducing()
+        self._gap()
+
+    def _connect(self) -> None:
+        self._retry = None
+        self._connecting = Deferred.fromCoroutine(self._follow())
+
+    async def _follow(self) -> None:
+        try:
+            response = await self._client.open_changes(self.db, self._heartbeat, self.watchdog_timeout)
+        except CancelledError:
+            return
+        except UpstreamError as exc:
+            self._connecting = None
+            _log.warn(
+                "Changes feed for {db} could not connect ({kind}): {detail}",
+                db=self.db,
+                kind=exc.kind,
+                detail=exc.detail,
+            )
+            self._schedule_retry()
+            return
+        self._connecting = None
+        if response.code == 404:
+            await self._client.discard(response)
+            _log.info("Database {db} is gone; its feed stops", db=self.db)
+            self._on_gone(self.db)
+            return
+        if response.code != 200:
+            await self._client.discard(response)
+            _log.warn("Changes feed for {db} answered {status}", db=self.db, status=response.code)
+            self._schedule_retry()
+            return
+        if not self.running:
+            return
+        lines = _FeedLines(self)
+        response.deliverBody(lines)
+        self._transport = lines.transport
+        self.epoch += 1
+        self.live = True
+        self._attempt = 0
+        self.heard()
+        reason = await lines.finished
+        self._transport = None
+        self._gap()
+        if self.running:
+            _log.info(
+                "Changes feed for {db} closed ({why}); reconnecting",
+                db=self.db,
+                why=type(reason).__name__,
+            )
+            self._schedule_retry()
+
+    def heard(self) -> None:
+        """Any bytes from the feed: a change or a heartbeat.  Restart the watchdog."""
+        if self._watchdog is not None and self._watchdog.active():
+            self._watchdog.reset(self.watchdog_timeout)
+        else:
+            self._watchdog = self._clock.callLater(self.watchdog_timeout, self._silent)
+
+    def _silent(self) -> None:
+        self._watchdog = None
+        _log.warn(
+            "Changes feed for {db} sent nothing for {seconds:g}s; reconnecting",
+            db=self.db,
+            seconds=self.watchdog_timeout,
+        )
+        if self._transport is not None:
+            self._transport.stopProducing()
+
+    def line(self, raw: bytes) -> None:
+        raw = raw.strip()
+        if not raw:
+            return  # heartbeat
+        try:
+            change = json.loads(raw)
+        except ValueError:
+            _log.warn("Changes feed for {db} sent a line that is not JSON; reconnecting", db=self.db)
+            if self._transport is not None:
+                self._transport.stopProducing()
+            return
+        if not isinstance(change, dict):
+            return
+        if "seq" in change:
+            self.last_seq = change["seq"]  # opaque: an integer (1.x) or a string (2.x+)
+        docid = change.get("id")
+        if isinstance(docid, str):
+            self._on_change(self.db, docid)
+        elif "last_seq" in change:
+            self.last_seq = change["last_seq"]  # the server ends the feed; connectionLost follows
+
+    def _gap(self) -> None:
+        if self._watchdog is not None and self._watchdog.active():
+            self._watchdog.cancel()
+        self._watchdog = None
+        self.live = False
+        self._on_gap(self.db)
+
+    def _schedule_retry(self) -> None:
+        if not self.running or self._retry is not None:
+            return
+        delay = self._policy(self._attempt)
+        self._attempt += 1
+        self.reconnects += 1
+        self._retry = self._clock.callLater(delay, self._connect)
+
+    def _cancel_timers(self) -> None:
+        for call in (self._retry, self._watchdog):
+            if call is not None and call.active():
+                call.cancel()
+        self._retry = self._watchdog = None
+
+
+class FeedManager(MultiService):
+    """Starts feeds on demand, at most ``max_feeds`` of them (least recently used go first)."""
+
+    def __init__(
+        self,
+        client: CouchDBClient,
+        clock: Any,
+        *,
+        max_feeds: int,
+        heartbeat: float,
+        gone_hold: float = 5.0,
+        policy: Callable[[int], float] | None = None,
+    ) -> None:
+        super().__init__()
+        self._client = client
+        self._clock = clock
+        self._max_feeds = max_feeds
+        self._heartbeat = heartbeat
+        self._policy = policy
+        self._feeds: OrderedDict[str, ChangesFeed] = OrderedDict()
+        self._gone: TTLCache[str, bool] = TTLCache(maxsize=10_000, ttl=gone_hold, timer=clock.seconds)
+        self._retired_reconnects = 0
+        self.on_change: OnChange = lambda db, docid: None
+        self.on_gap: OnGap = lambda db: None
+
+    def live_epoch(self, db: str) -> int | None:
+        """The live epoch of ``db``'s feed, starting the feed if there is none yet."""
+        feed = self._feeds.get(db)
+        if feed is None:
+            if not self.running or self._max_feeds <= 0:
+                return None
+            if db in self._gone:
+                return None  # recently found missing: no feed (and no caching) for a while
+            feed = self._start(db)
+        else:
+            self._feeds.move_to_end(db)
+        return feed.epoch if feed.live else None
+
+    def _start(self, db: str) -> ChangesFeed:
+        while len(self._feeds) >= self._max_feeds:
+            oldest, _ = self._feeds.popitem(last=False)
+            self._stop(oldest)
+        feed = ChangesFeed(
+            db,
+            self._client,
+            self._clock,
+            heartbeat=self._heartbeat,
+            on_change=self._changed,
+            on_gap=self._gapped,
+            on_gone=self._forget,
+            policy=self._policy,
+        )
+        self._feeds[db] = feed
+        feed.setServiceParent(self)
+        return feed
+
+    def _stop(self, db: str) -> None:
+        feed = self.getServiceNamed(db) if db in self.namedServices else None
+        if feed is not None:
+            self._retired_reconnects += feed.reconnects
+            feed.disownServiceParent()  # stops it, which drops its entries
+
+    def _changed(self, db: str, docid: str) -> None:
+        self.on_change(db, docid)
+
+    def _gapped(self, db: str) -> None:
+        self.on_gap(db)
+
+    def _forget(self, db: str) -> None:
+        self._gone[db] = True
+        self._feeds.pop(db, None)
+        self._stop(db)
+
+    def feeds(self) -> list[ChangesFeed]:
+        return list(self._feeds.values())
+
+    def connected(self) -> int:
+        """How many feeds are live now."""
+        return sum(1 for feed in self._feeds.values() if feed.live)
+
+    @property
+    def reconnects(self) -> int:
+        """Reconnections of every feed so far, stopped ones included."""
+        return self._retired_reconnects + sum(feed.reconnects for feed in self._feeds.values())

@@ -1,0 +1,124 @@
+"""One access-log line per request, through ``twisted.logger``, tokens redacted.
+
+Twisted's own access log prints the full URI, query string and token
+included; it is replaced here.  Every query value except a few harmless ones
+is written as ``REDACTED`` (in the Referer too).  Lines come in Apache's
+combined format followed by the duration and the cache outcome, or as JSON
+objects (``--log-format json``).  Each ending request also updates the
+request metrics.  Polls of ``/_health`` and ``/_metrics`` are not logged.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+from urllib.parse import unquote_to_bytes
+
+from twisted.logger import Logger
+from twisted.web import server
+
+from couchtoken.web.channel import GuardedHTTPChannel
+from couchtoken.web.metrics import Metrics
+
+_SHOWN_QUERY_KEYS = frozenset({b"download"})
+_QUIET_PATHS = frozenset({b"/_health", b"/_metrics"})
+_log = Logger(namespace="couchtoken.access")
+
+
+def redact_uri(uri: bytes) -> str:
+    """The request target with every secret-bearing query value replaced."""
+    path, sep, query = uri.partition(b"?")
+    if sep:
+        parts = []
+        for pair in query.replace(b";", b"&").split(b"&"):
+            key, has_value, _ = pair.partition(b"=")
+            shown = unquote_to_bytes(key.replace(b"+", b" "))
+            if has_value and shown not in _SHOWN_QUERY_KEYS:
+                pair = key + b"=REDACTED"
+            parts.append(pair)
+        path += b"?" + b"&".join(parts)
+    return path.decode("ascii", "backslashreplace")
+
+
+def _quoted(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"')
+
+
+class LoggedRequest(server.Request):
+    """A request that times itself and logs one line when it ends."""
+
+    cache_status = "-"
+
+    def __repr__(self) -> str:
+        # Twisted puts requests in some of its own log lines: never with the token.
+        method = self.method.decode("ascii", "replace") if self.method else "?"
+        return f"<LoggedRequest {method} {redact_uri(self.uri or b'')}>"
+
+    def process(self) -> None:
+        self._clock = self.channel.factory.reactor  # type: ignore[union-attr]
+        self._started = self._clock.seconds()
+        self._wall_started = time.time()
+        self.notifyFinish().addBoth(self._ended)
+        super().process()
+
+    def _ended(self, result: object) -> None:
+        if self.path in _QUIET_PATHS:
+            return
+        duration = self._clock.seconds() - self._started
+        site: DownloadSite = self.site  # type: ignore[assignment]
+        if site.metrics is not None:
+            site.metrics.requests.labels(str(self.code)).inc()
+            site.metrics.bytes_sent.inc(self.sentLength)
+            site.metrics.duration.observe(duration)
+        fields = self._fields(duration, completed=result is None)
+        if site.log_format == "json":
+            _log.info("{line}", line=json.dumps(fields, separators=(",", ":")), **fields)
+        else:
+            _log.info("{line}", line=self._combined(fields), **fields)
+
+    def _fields(self, duration: float, completed: bool) -> dict[str, Any]:
+        referer = self.getHeader(b"referer")
+        agent = self.getHeader(b"user-agent")
+        return {
+            "client": getattr(self.getClientAddress(), "host", "-"),
+            "time": self._wall_started,
+            "method": self.method.decode("ascii", "replace"),
+            "uri": redact_uri(self.uri),
+            "protocol": self.clientproto.decode("ascii", "replace"),
+            "status": self.code,
+            "bytes": self.sentLength,
+            "referer": redact_uri(referer) if referer else None,
+            "user_agent": agent.decode("latin-1") if agent else None,
+            "duration_ms": round(duration * 1000, 3),
+            "cache": self.cache_status,
+            "completed": completed,
+        }
+
+    @staticmethod
+    def _combined(f: dict[str, Any]) -> str:
+        stamp = time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(f["time"]))
+        line = (
+            f'{f["client"]} - - [{stamp}] "{f["method"]} {_quoted(f["uri"])} {f["protocol"]}" '
+            f'{f["status"]} {f["bytes"] or "-"} "{_quoted(f["referer"] or "-")}" '
+            f'"{_quoted(f["user_agent"] or "-")}" {f["duration_ms"]:.1f}ms cache={f["cache"]}'
+        )
+        return line if f["completed"] else line + " aborted"
+
+
+class DownloadSite(server.Site):
+    """A Site whose access log is ``LoggedRequest``'s redacted line, on guarded connections."""
+
+    requestFactory = LoggedRequest
+    protocol = GuardedHTTPChannel  # HTTP/1.1 only: no HTTP/2 negotiation wrapper
+    displayTracebacks = False
+
+    def __init__(
+        self, resource: Any, *, metrics: Metrics | None = None, log_format: str = "combined", **kw: Any
+    ):
+        super().__init__(resource, **kw)
+        self.metrics = metrics
+        self.log_format = log_format
+
+    def log(self, request: object) -> None:
+        """Twisted's own line would print the token; ``LoggedRequest`` logs instead."""

@@ -1,0 +1,212 @@
+"""Sending a checked attachment: 304, ranges, HEAD, the blob cache, or a relay from CouchDB."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.web.iweb import UNKNOWN_LENGTH, IRequest, IResponse
+from werkzeug.http import parse_accept_header
+
+from couchtoken.access.attachments import AttachmentInfo
+from couchtoken.access.names import AttachmentPath
+from couchtoken.upstream.blobs import BlobCache, BlobKey
+from couchtoken.upstream.client import CouchDBClient, UpstreamError
+from couchtoken.web.answers import HTTPAnswer
+from couchtoken.web.conditional import UNSATISFIABLE, choose_range, none_match
+from couchtoken.web.metrics import Metrics
+from couchtoken.web.presentation import Presentation
+from couchtoken.web.query import query_args
+from couchtoken.web.relay import relay_body
+
+
+class StaleRevision(Exception):
+    """CouchDB has no such attachment at the revision the token was checked against."""
+
+
+def accepts_gzip(request: IRequest) -> bool:
+    header = request.getHeader(b"accept-encoding")
+    if not header:
+        return False
+    return parse_accept_header(header.decode("latin-1"))["gzip"] > 0
+
+
+class Delivery:
+    """Answers a request for an attachment whose token check has passed."""
+
+    def __init__(
+        self,
+        couchdb: CouchDBClient,
+        blobs: BlobCache,
+        presentation: Presentation,
+        metrics: Metrics,
+        *,
+        clock: Any,
+        idle_timeout: float,
+        upstream_timeout: float,
+    ) -> None:
+        self._couchdb = couchdb
+        self._blobs = blobs
+        self._presentation = presentation
+        self._metrics = metrics
+        self._clock = clock
+        self._idle_timeout = idle_timeout
+        self._upstream_timeout = upstream_timeout
+
+    async def send(
+        self, request: IRequest, target: AttachmentPath, info: AttachmentInfo, rev: str | None
+    ) -> bytes | None:
+        """The body to finish with (None when it was streamed); raises StaleRevision or HTTPAnswer."""
+        etag = info.etag
+        if etag and none_match(request.getHeader(b"if-none-match"), etag):
+            request.setResponseCode(304)
+            self._success_headers(request, target, info, etag)
+            request.responseHeaders.removeHeader(b"content-type")
+            return b""
+        window = choose_range(
+            request.getHeader(b"range"),
+            info.length,
+            if_range=request.getHeader(b"if-range"),
+            etag=etag,
+        )
+        if window is UNSATISFIABLE:
+            raise HTTPAnswer(
+                416,
+                "range_not_satisfiable",
+                "range not satisfiable",
+                content_range=b"bytes */%d" % info.length,
+            )
+        gzip_ok = window is None and accepts_gzip(request)
+        if request.method == b"HEAD":
+            self._success_headers(request, target, info, etag)
+            self._length_headers(request, info, window, gzip_ok)
+            return b""
+        blob_key = (target.db, target.docid, target.attachment, info.digest) if info.digest else None
+        if blob_key is not None and self._blobs.wants(info.length):
+            body = self._blobs.get(blob_key)
+            if body is not None:
+                self._success_headers(request, target, info, etag)
+                self._length_headers(request, info, window, gzip_ok=False)
+                return body if window is None else body[window[0] : window[1]]
+        response = await self._couchdb.open_attachment(target, rev, byte_range=window, accept_gzip=gzip_ok)
+        return await self._relay(request, target, response, info, window, etag, blob_key)
+
+    def _success_headers(
+        self, request: IRequest, target: AttachmentPath, info: AttachmentInfo, etag: str | None
+    ) -> None:
+        for name, value in self._presentation.headers(
+            target.attachment, info.content_type, query_args(request).get(b"download")
+        ):
+            request.setHeader(name, value)
+        request.setHeader(b"content-type", info.content_type)
+        request.setHeader(b"accept-ranges", b"bytes")
+        request.setHeader(b"cache-control", b"private, no-cache")
+        request.setHeader(b"vary", b"Accept-Encoding")
+        if etag:
+            request.setHeader(b"etag", etag.encode("ascii"))
+
+    def _length_headers(
+        self, request: IRequest, info: AttachmentInfo, window: tuple[int, int] | None, gzip_ok: bool
+    ) -> None:
+        """Headers an answer can take from the document's attachment stub alone."""
+        if window is not None:
+            start, stop = window
+            request.setResponseCode(206)
+            request.setHeader(b"content-range", content_range(window, info))
+            request.setHeader(b"content-length", b"%d" % (stop - start))
+        elif gzip_ok and info.encoding == "gzip" and info.encoded_length is not None:
+            request.setHeader(b"content-encoding", b"gzip")
+            request.setHeader(b"content-length", b"%d" % info.encoded_length)
+        elif info.length is not None:
+            request.setHeader(b"content-length", b"%d" % info.length)
+
+    async def _relay(
+        self,
+        request: IRequest,
+        target: AttachmentPath,
+        response: IResponse,
+        info: AttachmentInfo,
+        window: tuple[int, int] | None,
+        etag: str | None,
+        blob_key: BlobKey | None = None,
+    ) -> bytes | None:
+        """Check CouchDB's answer, then stream it (sliced to ``window`` if CouchDB sent it all).
+
+        A small, whole, identity-encoded body whose ETag matches the checked
+        digest is kept in the blob cache as it streams past.
+        """
+        if response.code == 404:
+            await self._couchdb.discard(response)
+            raise StaleRevision()
+        if response.code not in (200, 206) or (response.code == 206 and window is None):
+            await self._couchdb.discard(response)
+            raise UpstreamError("status", f"CouchDB answered {response.code} for an attachment")
+        encoding = response.headers.getRawHeaders(b"content-encoding", [None])[0]
+        skip, limit = 0, None
+        if window is not None:
+            start, stop = window
+            if encoding not in (None, b"identity"):
+                _refuse(response, "CouchDB compressed a ranged attachment")
+            if response.code == 200:
+                skip, limit = start, stop - start
+            elif response.headers.getRawHeaders(b"content-range", [b""])[0] != content_range(window, info):
+                _refuse(response, "CouchDB answered another range than asked")
+        upstream_etag = response.headers.getRawHeaders(b"etag", [None])[0]
+        self._success_headers(
+            request, target, info, upstream_etag.decode("latin-1") if upstream_etag else etag
+        )
+        if window is not None:
+            self._length_headers(request, info, window, gzip_ok=False)
+        else:
+            if encoding is not None:
+                request.setHeader(b"content-encoding", encoding)
+            if response.length is not UNKNOWN_LENGTH:
+                request.setHeader(b"content-length", b"%d" % response.length)
+        keep = (
+            blob_key is not None
+            and window is None
+            and encoding in (None, b"identity")
+            and upstream_etag is not None
+            and upstream_etag.decode("latin-1") == etag
+            and self._blobs.wants(info.length)
+        )
+        tee: list[bytes] | None = [] if keep else None
+        await relay_body(
+            response,
+            request,
+            skip,
+            limit,
+            clock=self._clock,
+            idle_timeout=self._idle_timeout,
+            on_idle=self._metrics.idle_disconnects.inc,
+            tee=tee,
+            upstream_timeout=self._upstream_timeout,
+        )
+        if tee is not None and blob_key is not None:
+            body = b"".join(tee)
+            if len(body) == info.length:
+                self._blobs.put(blob_key, body)
+        return None
+
+
+def content_range(window: tuple[int, int], info: AttachmentInfo) -> bytes:
+    start, stop = window
+    return b"bytes %d-%d/%d" % (start, stop - 1, info.length)
+
+
+def _refuse(response: IResponse, detail: str) -> None:
+    """Drop an unusable attachment response and fail with a 502."""
+    response.deliverBody(_Discard())
+    raise UpstreamError("protocol", detail)
+
+
+class _Discard:
+    """A body protocol that stops the transfer at once."""
+
+    def makeConnection(self, transport: Any) -> None:
+        transport.stopProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        pass
+
+    def connectionLost(self, reason: Any) -> None:
+        pass

@@ -1,0 +1,291 @@
+"""The pure rules that decide access: path parsing, token lookup and comparison, summaries.
+
+Fast unit tests (no server) so that mutation testing can run them for every mutant.
+"""
+
+from __future__ import annotations
+
+import pytest
+from twisted.internet.task import Clock
+from twisted.web.http_headers import Headers
+
+from couchtoken.access.attachments import AttachmentInfo
+from couchtoken.access.documents import DocumentSummary
+from couchtoken.access.links import sign_url, signature, signature_matches
+from couchtoken.access.names import (
+    MAX_NAME_BYTES,
+    AttachmentPath,
+    BadPath,
+    attachment_path,
+    document_path,
+    encode_segment,
+    parse_download_path,
+)
+from couchtoken.access.throttle import GuessThrottle
+from couchtoken.access.tokens import document_tokens, token_matches
+
+
+@pytest.mark.parametrize(
+    "raw,expected",
+    [
+        (b"/db/doc/f.txt", ("db", "doc", "f.txt")),
+        (b"/db/dir%2Fdoc/f.txt", ("db", "dir/doc", "f.txt")),
+        (b"/db/doc/sub/dir/f.txt", ("db", "doc", "sub/dir/f.txt")),
+        (b"/db/doc/a%2Fb", ("db", "doc", "a/b")),
+        (b"/a%2Fb/doc/f", ("a/b", "doc", "f")),
+        (b"/db/a+b/c+d", ("db", "a+b", "c+d")),
+        (b"/db/a%20b/%E6%96%87", ("db", "a b", "文")),
+        (b"/db$()+-_x/doc/f", ("db$()+-_x", "doc", "f")),
+        (b"/db/..x/x..", ("db", "..x", "x..")),
+        (b"/db/_x%5F/f", None),
+    ],
+)
+def test_parsing_download_paths(raw, expected):
+    if expected is None:
+        with pytest.raises(BadPath) as bad:
+            parse_download_path(raw)
+        assert bad.value.status == 403
+        return
+    parsed = parse_download_path(raw)
+    assert (parsed.db, parsed.docid, parsed.attachment) == expected
+    assert parsed.document_key == expected[:2]
+
+
+@pytest.mark.parametrize(
+    "raw,status",
+    [
+        (b"db/doc/f", 400),
+        (b"", 400),
+        (b"/", 400),
+        (b"/db", 400),
+        (b"/db/doc", 400),
+        (b"/db/doc/", 400),
+        (b"//doc/f", 400),
+        (b"/db//f", 400),
+        (b"/db/doc//f", 400),
+        (b"/db/./f", 400),
+        (b"/db/../f", 400),
+        (b"/db/doc/.", 400),
+        (b"/db/doc/a/../b", 400),
+        (b"/db/%2E%2E/f", 400),
+        (b"/db/a%2F..%2Fb/f", 400),
+        (b"/db/a%2F.%2Fb/f", 400),
+        (b"/db/%00/f", 400),
+        (b"/db/doc/a%0Ab", 400),
+        (b"/db/doc/a%7Fb", 400),
+        (b"/db/doc/a%1Fb", 400),
+        (b"/db/%FF/f", 400),
+        (b"/DB/doc/f", 400),
+        (b"/1db/doc/f", 400),
+        (b"/d%20b/doc/f", 400),
+        (b"/_users/doc/f", 403),
+        (b"/db/_design%2Fx/f", 403),
+        (b"/db/_local%2Fx/f", 403),
+        (b"/%5Fusers/doc/f", 403),
+    ],
+)
+def test_refusing_malformed_or_forbidden_paths(raw, status):
+    with pytest.raises(BadPath) as bad:
+        parse_download_path(raw)
+    assert bad.value.status == status
+    assert bad.value.reason
+
+
+def test_name_length_limit():
+    name = b"a" * MAX_NAME_BYTES
+    assert parse_download_path(b"/db/" + name + b"/f").docid == name.decode()
+    with pytest.raises(BadPath):
+        parse_download_path(b"/db/" + name + b"a/f")
+    with pytest.raises(BadPath):
+        parse_download_path(b"/db/doc/" + b"%41" * (MAX_NAME_BYTES + 1))
+
+
+def test_upstream_paths_encode_every_segment():
+    assert encode_segment("a/b c+d%") == "a%2Fb%20c%2Bd%25"
+    assert document_path("a/b", "x/y+z") == "/a%2Fb/x%2Fy%2Bz"
+    target = AttachmentPath(db="db", docid="d/1", attachment="sub dir/f+1.txt")
+    assert attachment_path(target) == "/db/d%2F1/sub%20dir/f%2B1.txt"
+
+
+@pytest.mark.parametrize(
+    "document,field,token",
+    [
+        ({"download_token": "t"}, ("download_token",), ("t",)),
+        ({"download_token": ""}, ("download_token",), ()),
+        ({"download_token": None}, ("download_token",), ()),
+        ({"download_token": 5}, ("download_token",), ()),
+        ({"download_token": ["t", "u"]}, ("download_token",), ("t", "u")),
+        ({"download_token": ["t", 5, None, "", ["u"], {"v": 1}]}, ("download_token",), ("t",)),
+        ({"download_token": []}, ("download_token",), ()),
+        ({"download_token": {"t": 1}}, ("download_token",), ()),
+        ({}, ("download_token",), ()),
+        ({"data": {"token": "n"}}, ("data", "token"), ("n",)),
+        ({"data": "n"}, ("data", "token"), ()),
+        ({"data": {}}, ("data", "token"), ()),
+        ({"data": {"token": "n"}}, ("data",), ()),
+    ],
+)
+def test_finding_the_document_tokens(document, field, token):
+    assert document_tokens(document, field) == token
+
+
+def test_any_listed_token_opens_the_document():
+    summary = DocumentSummary.from_document({"download_token": ["old", "new"]}, ("download_token",))
+    assert summary.accepts(b"old") and summary.accepts(b"new")
+    assert not summary.accepts(b"other")
+    assert not DocumentSummary.from_document({"download_token": []}, ("download_token",)).accepts(b"")
+
+
+def test_comparing_tokens():
+    assert token_matches("secret", b"secret")
+    assert not token_matches("secret", b"secreT")
+    assert not token_matches("secret", b"secre")
+    assert not token_matches("secret", b"secrets")
+    assert not token_matches("secret", b"")
+    assert not token_matches("secret", None)
+    assert not token_matches(None, b"secret")
+    assert not token_matches("", b"")
+    assert token_matches("ünï", "ünï".encode())
+
+
+def test_summaries():
+    document = {
+        "_rev": "3-abc",
+        "download_token": "s3cr3t-value",
+        "_attachments": {
+            "a.txt": {"content_type": "text/plain", "length": 5, "digest": "md5-AAA="},
+            "bad": "not a stub",
+        },
+    }
+    summary = DocumentSummary.from_document(document, ("download_token",))
+    assert summary.rev == "3-abc"
+    assert summary.tokens == ("s3cr3t-value",)
+    assert summary.accepts(b"s3cr3t-value")
+    assert not summary.accepts(b"s3cr3t")
+    assert not summary.accepts(None)
+    assert list(summary.attachments) == ["a.txt"]
+    assert summary.attachments["a.txt"] == AttachmentInfo(b"text/plain", 5, "md5-AAA=")
+    assert summary.attachments["a.txt"].etag == '"AAA="'
+    empty = DocumentSummary.from_document({"_rev": 7, "_attachments": []}, ("download_token",))
+    assert (empty.tokens, empty.rev, dict(empty.attachments)) == ((), None, {})
+    assert not empty.accepts(b"")
+    assert "s3cr3t" not in repr(summary)
+    assert repr(summary) == "DocumentSummary(rev='3-abc', tokens=1, attachments=1)"
+
+
+def test_attachment_metadata_is_sanitised():
+    stub = {"content_type": "text/html\r\nSet-Cookie: x", "length": -1, "digest": 'md5-"x"'}
+    info = AttachmentInfo.from_stub(stub)
+    assert info.content_type == b"application/octet-stream"
+    assert info.length is None
+    assert info.etag is None
+    assert AttachmentInfo.from_stub({"length": True}).length is None
+    assert AttachmentInfo.from_stub({"digest": "sha-xyz"}).etag == '"sha-xyz"'
+    assert AttachmentInfo.from_stub({"encoding": "gzip", "encoded_length": 3}).encoded_length == 3
+
+
+@pytest.mark.parametrize(
+    "raw,reason",
+    [
+        (b"db/doc/f", "the path must start with '/'"),
+        (b"/db/doc", "expected /<database>/<document>/<attachment>"),
+        (b"//doc/f", "the database name is empty"),
+        (b"/db//f", "the document id is empty"),
+        (b"/db/doc//f", "the attachment name is empty"),
+        (b"/db/%FF/f", "the document id is not valid UTF-8"),
+        (b"/db/doc/%00", "the attachment name holds a control character"),
+        (b"/db/../f", "the document id holds a '.' or '..' segment"),
+        (b"/db/" + b"a" * 5000 + b"/f", "the document id is too long"),
+        (b"/_users/doc/f", "system databases and documents are not served"),
+        (b"/DB/doc/f", "not a valid CouchDB database name"),
+    ],
+)
+def test_refusals_say_what_is_wrong(raw, reason):
+    """The reason reaches the client in the 400/403 body: it must name the problem."""
+    with pytest.raises(BadPath) as bad:
+        parse_download_path(raw)
+    assert bad.value.reason == reason
+    assert str(bad.value) == reason
+
+
+# -- Signed links and guess throttling --------------------------------------------------
+
+
+def test_signed_link_checks():
+    sig = signature("new", "db", "d/1", "a b.txt", 1700000000).encode()
+    assert len(sig) == 64
+    assert signature_matches(("old", "new"), "db", "d/1", "a b.txt", 1700000000, sig)
+    assert signature_matches(("new",), "db", "d/1", "a b.txt", 1700000000, sig.upper())
+    assert not signature_matches(("old",), "db", "d/1", "a b.txt", 1700000000, sig)
+    assert not signature_matches((), "db", "d/1", "a b.txt", 1700000000, sig)
+    assert not signature_matches(("new",), "db", "d/1", "a b.txt", 1700000001, sig)
+    assert not signature_matches(("new",), "db", "d/1", "a b.txt", 1700000000, sig[:-1])
+    for changed in (("db2", "d/1", "a b.txt"), ("db", "d/2", "a b.txt"), ("db", "d/1", "a b.txd")):
+        assert not signature_matches(("new",), *changed, 1700000000, sig)
+    url = sign_url("https://h/", "db", "d/1", "x/a b.txt", "new", 1700000000)
+    expected = signature("new", "db", "d/1", "x/a b.txt", 1700000000)
+    assert url == f"https://h/db/d%2F1/x/a%20b.txt?expires=1700000000&sig={expected}"
+
+
+class _Request:
+    def __init__(self, peer: str, forwarded: str | None = None) -> None:
+        self._peer = peer
+        self.requestHeaders = Headers({b"x-forwarded-for": [forwarded.encode()]} if forwarded else {})
+
+    def getClientAddress(self):
+        return type("Address", (), {"host": self._peer})()
+
+
+def test_the_window_ends_on_the_clock():
+    clock = Clock()
+    throttle = GuessThrottle(clock, 2, window=60)
+    throttle.failed("a")
+    clock.advance(10)
+    throttle.failed("a")
+    assert throttle.retry_after("a") == 50
+    assert throttle.retry_after("b") is None
+    clock.advance(50.5)
+    assert throttle.retry_after("a") is None
+    throttle.failed("a")
+    assert throttle.retry_after("a") is None
+
+
+def test_zero_turns_throttling_off_and_proxies_are_resolved():
+    clock = Clock()
+    off = GuessThrottle(clock, 0)
+    for _ in range(100):
+        off.failed("a")
+    assert off.retry_after("a") is None
+    behind = GuessThrottle(clock, 1, trusted_proxies=["10.0.0.0/8", "127.0.0.1"])
+    assert behind.client(_Request("127.0.0.1", "203.0.113.5, 10.1.2.3")) == "203.0.113.5"
+    assert behind.client(_Request("203.0.113.9", "198.51.100.1")) == "203.0.113.9"
+    assert behind.client(_Request("127.0.0.1", "not-an-ip")) == "not-an-ip"
+    assert behind.client(_Request("127.0.0.1")) == "127.0.0.1"
+
+
+def test_signed_link_details():
+    sig = signature("new", "a/b", "d", "f", 1).encode()
+    # The matching token may come first in a rotation list.
+    assert signature_matches(("new", "old"), "a/b", "d", "f", 1, sig)
+    assert sign_url("https://BOX", "a/b", "d", "f", "new", 1).startswith("https://BOX/a%2Fb/d/f?")
+
+
+def test_throttle_details():
+    clock = Clock()
+    default = GuessThrottle(clock, 1)
+    default.failed("a")
+    assert default.retry_after("a") == 60  # a one-minute window by default
+    clock.advance(59.5)
+    assert default.retry_after("a") == 1
+    three = GuessThrottle(clock, 3)
+    three.failed("b")
+    three.failed("b")
+    assert three.retry_after("b") is None
+    three.failed("b")
+    assert three.retry_after("b") == 60
+    proxies = GuessThrottle(clock, 1, trusted_proxies=["127.0.0.1/8"])  # host bits set: still a network
+    request = _Request("127.0.0.2", "203.0.113.1, 198.51.100.2")
+    request.requestHeaders.addRawHeader(b"x-forwarded-for", b"127.0.0.3")  # a second header line
+    assert proxies.client(request) == "198.51.100.2"
+    nameless = type("Request", (), {"getClientAddress": lambda self: object()})()
+    assert proxies.client(nameless) == ""

@@ -1,0 +1,221 @@
+"""Links as good as presigned URLs: header tokens, Content-Disposition, sandboxing, an allowlist."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import pytest_twisted
+
+from couchtoken.access.links import sign_url, signature
+from couchtoken.dev.pouchdb import ROOT
+from tests.http import fetch, service_url
+
+TOKEN = "link-token"
+
+
+@pytest.fixture
+def files(admin, db):
+    admin.put(db, "doc", {"download_token": TOKEN})
+    for name, content_type in (
+        ("note.txt", "text/plain"),
+        ("page.html", "text/html; charset=utf-8"),
+        ("logo.svg", "image/svg+xml"),
+        ("report.pdf", "application/pdf"),
+        ("notes.md", "text/markdown"),
+        ('dir/Grüße "quoted"; a b.txt', "text/plain"),
+    ):
+        admin.put_attachment(db, "doc", name, b"content of " + name.encode(), content_type)
+    return "doc"
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize(
+    "headers,status",
+    [
+        ({"Authorization": f"Bearer {TOKEN}"}, 200),
+        ({"Authorization": f"bearer   {TOKEN}  "}, 200),
+        ({"X-Download-Token": TOKEN}, 200),
+        ({"Authorization": "Bearer wrong"}, 403),
+        ({"X-Download-Token": "wrong"}, 403),
+        ({"Authorization": "Basic bGluay10b2tlbjo="}, 403),
+        ({"Authorization": "Bearer "}, 403),
+    ],
+)
+async def test_tokens_in_headers(service, db, files, headers, status):
+    reply = await fetch(service.url(db, files, "note.txt"), headers=headers)
+    assert reply.status == status
+
+
+@pytest_twisted.ensureDeferred
+async def test_different_tokens_in_different_places_are_refused(service, db, files):
+    reply = await fetch(service.url(db, files, "note.txt", TOKEN), headers={"X-Download-Token": "other"})
+    assert reply.status == 400
+    same = await fetch(service.url(db, files, "note.txt", TOKEN), headers={"X-Download-Token": TOKEN})
+    assert same.status == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_preflight_allows_the_token_headers(service, db, files):
+    reply = await fetch(service.url(db, files, "note.txt"), "OPTIONS")
+    allowed = {h.strip().lower() for h in reply.header("access-control-allow-headers").split(",")}
+    assert {"authorization", "x-download-token", "range", "if-none-match"} <= allowed
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize(
+    "query,kind",
+    [
+        ({}, "inline"),
+        ({"download": ""}, "attachment"),
+        ({"download": "1"}, "attachment"),
+        ({"download": "0"}, "inline"),
+    ],
+)
+async def test_content_disposition(service, db, files, query, kind):
+    reply = await fetch(service.url(db, files, "note.txt", TOKEN, **query))
+    assert reply.header("content-disposition") == f"{kind}; filename=\"note.txt\"; filename*=UTF-8''note.txt"
+    assert "content-disposition" in reply.header("access-control-expose-headers").lower()
+
+
+@pytest_twisted.ensureDeferred
+async def test_unicode_quotes_spaces_and_semicolons_in_the_filename(service, db, files):
+    name = 'dir/Grüße "quoted"; a b.txt'
+    reply = await fetch(service.url(db, files, name, TOKEN, download="1"))
+    assert reply.status == 200
+    assert reply.header("content-disposition") == (
+        'attachment; filename="Gr__e _quoted_; a b.txt"; '
+        "filename*=UTF-8''Gr%C3%BC%C3%9Fe%20%22quoted%22%3B%20a%20b.txt"
+    )
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize(
+    "name,sandboxed", [("page.html", True), ("logo.svg", True), ("note.txt", False), ("report.pdf", False)]
+)
+async def test_active_content_is_sandboxed(service, db, files, name, sandboxed):
+    for method in ("GET", "HEAD"):
+        reply = await fetch(service.url(db, files, name, TOKEN), method)
+        assert reply.status == 200
+        assert (reply.header("content-security-policy") == "sandbox") is sandboxed
+        assert reply.header("x-content-type-options") == "nosniff"
+
+
+@pytest_twisted.ensureDeferred
+async def test_sandbox_and_forced_download_types_are_configurable(start_service, db, files):
+    service = await start_service(sandbox_types=("text/markdown",), force_download_types=("application/pdf",))
+    markdown = await fetch(service.url(db, files, "notes.md", TOKEN))
+    assert markdown.header("content-security-policy") == "sandbox"
+    pdf = await fetch(service.url(db, files, "report.pdf", TOKEN))
+    assert pdf.header("content-disposition").startswith("attachment;")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_database_allowlist(start_service, admin, db, files):
+    service = await start_service(databases=("userdb-*", db))
+    assert (await fetch(service.url(db, files, "note.txt", TOKEN))).status == 200
+    other = f"other-{db}"
+    admin.create_db(other)
+    try:
+        admin.put(other, "doc", {"download_token": TOKEN})
+        admin.put_attachment(other, "doc", "note.txt", b"not served here")
+        seen = len(service.couchdb_targets())
+        reply = await fetch(service_url(service.base_url, other, "doc", "note.txt", TOKEN))
+        assert reply.status == 403
+        assert len(service.couchdb_targets()) == seen
+    finally:
+        admin.delete_db(other)
+
+
+# -- Expiring signed links -------------------------------------------------------------
+
+
+def test_the_signature_is_hmac_sha256_of_the_documented_message():
+    expected = hmac.new(
+        b"k\xc3\xa9y", "db\nd/1\na b/\xe9.txt\n1700000000".encode(), hashlib.sha256
+    ).hexdigest()
+    assert signature("kéy", "db", "d/1", "a b/é.txt", 1700000000) == expected
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_signed_link_opens_until_it_expires(service, db, files):
+    expires = int(time.time()) + 60
+    url = sign_url(service.base_url, db, files, "note.txt", TOKEN, expires)
+    assert "token" not in url and TOKEN not in url
+    reply = await fetch(url)
+    assert (reply.status, reply.body) == (200, b"content of note.txt")
+    past = sign_url(service.base_url, db, files, "note.txt", TOKEN, int(time.time()) - 1)
+    expired = await fetch(past)
+    assert (expired.status, expired.json()["reason"]) == (403, "expired")
+    far = sign_url(service.base_url, db, files, "note.txt", TOKEN, int(time.time()) + 8 * 24 * 3600)
+    assert (await fetch(far)).status == 403
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("how", ["wrong-key", "other-file", "tampered-expiry", "missing-doc"])
+async def test_bad_signatures_are_refused(service, db, files, how):
+    expires = int(time.time()) + 60
+    key, name, doc = TOKEN, "note.txt", files
+    if how == "wrong-key":
+        key = "guess"
+    url = sign_url(service.base_url, db, doc, name, key, expires)
+    if how == "other-file":
+        url = url.replace("note.txt", "report.pdf")
+    if how == "tampered-expiry":
+        url = url.replace(f"expires={expires}", f"expires={expires + 1}")
+    if how == "missing-doc":
+        url = sign_url(service.base_url, db, "nodoc", name, key, expires)
+    reply = await fetch(url)
+    assert (reply.status, reply.json()["reason"]) == (403, "bad signature")
+
+
+@pytest_twisted.ensureDeferred
+async def test_changing_the_token_revokes_signed_links(service, admin, db, files):
+    url = sign_url(service.base_url, db, files, "note.txt", TOKEN, int(time.time()) + 60)
+    admin.put(db, files, {"download_token": [TOKEN, "next"]})  # rotation: still valid
+    assert (await fetch(url)).status == 200
+    admin.put(db, files, {"download_token": "next"})
+    started = time.monotonic()
+    while (await fetch(url)).status != 403:
+        assert time.monotonic() - started < 1.0, "the signed link still works after 1 s"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_token_and_a_signature_together_are_refused(service, db, files):
+    url = sign_url(service.base_url, db, files, "note.txt", TOKEN, int(time.time()) + 60)
+    assert (await fetch(url + f"&token={TOKEN}")).status == 400
+    assert (await fetch(service.url(db, files, "note.txt", sig="ab", expires="soon"))).status == 400
+
+
+def test_python_m_couchtoken_sign_prints_a_link():
+    env = {**os.environ, "COUCHTOKEN_SIGN_TOKEN": TOKEN, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "couchtoken",
+            "sign",
+            "https://files.example",
+            "db",
+            "d/1",
+            "a b.txt",
+            "--expires-in",
+            "600",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
+        check=True,
+    )
+    link = result.stdout.strip()
+    assert link.startswith("https://files.example/db/d%2F1/a%20b.txt?expires=")
+    expires = int(link.split("expires=")[1].split("&")[0])
+    assert abs(expires - (time.time() + 600)) < 30
+    assert link.endswith("&sig=" + signature(TOKEN, "db", "d/1", "a b.txt", expires))
+    assert TOKEN not in link

@@ -1,0 +1,122 @@
+"""``twist couchtoken``: options, environment, and a real subprocess serving downloads."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+
+import pytest
+from twisted.python import usage
+
+from couchtoken.dev.pouchdb import ROOT
+from couchtoken.ops.tap import Options
+from tests.twistproc import TwistProcess
+
+TOKEN = "cli-token"
+
+
+def _parse(argv, environ):
+    options = Options(environ=environ)
+    options.parseOptions(argv)
+    return options["settings"]
+
+
+def test_defaults_without_environment():
+    settings = _parse([], {})
+    assert settings.couchdb.base_url == "http://localhost:5984"
+    assert settings.couchdb.authorization is None
+    assert settings.token_field == ("download_token",)
+
+
+def test_cache_options():
+    settings = _parse(
+        ["--cache-size", "0", "--cache-ttl", "30", "--max-feeds", "3", "--feed-heartbeat", "2"], {}
+    )
+    assert (settings.cache_size, settings.cache_ttl, settings.max_feeds, settings.feed_heartbeat) == (
+        0,
+        30,
+        3,
+        2,
+    )
+
+
+def test_environment_then_options_win():
+    env = {"COUCHDB_URL": "http://a:b@envhost:1234", "DOWNLOAD_TOKEN_KEY_NAME": "data.token"}
+    settings = _parse([], env)
+    assert settings.couchdb.base_url == "http://envhost:1234"
+    assert settings.token_field == ("data", "token")
+    settings = _parse(["--couchdb-url", "http://clihost:5984", "--token-field", "secret"], env)
+    assert settings.couchdb.base_url == "http://clihost:5984"
+    assert settings.couchdb.authorization is None
+    assert settings.token_field == ("secret",)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--couchdb-url", "not a url"],
+        ["--token-field", "a..b"],
+        ["--connect-timeout", "0"],
+        ["--response-timeout", "-1"],
+        ["--couchdb-url", "ftp://h"],
+    ],
+)
+def test_bad_options_are_usage_errors(argv):
+    with pytest.raises(usage.UsageError):
+        _parse(argv, {})
+
+
+def _twist(*args: str) -> subprocess.CompletedProcess[str]:
+    import os
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", "twisted", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=60,
+    )
+
+
+def test_help_documents_every_option():
+    result = _twist("couchtoken", "--help")
+    assert result.returncode == 0, result.stderr
+    for flag in (
+        "--port",
+        "--couchdb-url",
+        "--token-field",
+        "--connect-timeout",
+        "--response-timeout",
+        "--max-connections",
+        "COUCHDB_URL",
+        "DOWNLOAD_TOKEN_KEY_NAME",
+    ):
+        assert flag in result.stdout
+
+
+def test_twist_couchtoken_serves_downloads(couch_server, admin, db, tmp_path):
+    admin.put(db, "doc", {"download_token": TOKEN})
+    admin.put_attachment(db, "doc", "hello.txt", b"hello from twist", "text/plain")
+    password = couch_server.url.split("@")[0].rsplit(":", 1)[1]
+    service = TwistProcess(tmp_path / "twist.log", env={"COUCHDB_URL": couch_server.url})
+    service.start()
+    try:
+        with urllib.request.urlopen(f"{service.base_url}/{db}/doc/hello.txt?token={TOKEN}") as response:
+            assert response.status == 200
+            assert response.read() == b"hello from twist"
+            assert response.headers["Content-Type"] == "text/plain"
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"{service.base_url}/{db}/doc/hello.txt?token=nope")
+        assert refused.value.code == 403
+    finally:
+        service.stop()
+    log = service.log()
+    assert "couchtoken starting" in log
+    assert "<credentials>" in log
+    assert "token=REDACTED" in log
+    assert TOKEN not in log
+    assert password not in log

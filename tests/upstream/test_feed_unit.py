@@ -1,0 +1,251 @@
+"""ChangesFeed's watchdog, backoff and parsing, on a Clock: no real sleeps, no network.
+
+The CouchDB client here is a fake that hands out controllable responses.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from twisted.application.internet import backoffPolicy
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionLost
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+
+from couchtoken.upstream.client import UpstreamError
+from couchtoken.upstream.feeds import ChangesFeed, FeedManager
+
+
+class FakeTransport:
+    disconnecting = False  # like twisted.web's TransportProxyProducer
+
+    def __init__(self, protocol: Any) -> None:
+        self.protocol = protocol
+        self.stopped = False
+
+    def stopProducing(self) -> None:
+        if not self.stopped:
+            self.stopped = True
+            self.protocol.connectionLost(Failure(ConnectionLost()))
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+
+class FakeResponse:
+    def __init__(self, code: int) -> None:
+        self.code = code
+        self.protocol: Any = None
+        self.transport: FakeTransport | None = None
+
+    def deliverBody(self, protocol: Any) -> None:
+        self.protocol = protocol
+        self.transport = FakeTransport(protocol)
+        protocol.makeConnection(self.transport)
+
+    def send(self, data: bytes) -> None:
+        self.protocol.dataReceived(data)
+
+    def end(self) -> None:
+        self.protocol.connectionLost(Failure(ResponseDone()))
+
+
+class FakeClient:
+    """Each open_changes call waits for the test to answer it."""
+
+    def __init__(self) -> None:
+        self.pending: list[Deferred] = []
+        self.calls = 0
+
+    async def open_changes(self, db: str, heartbeat: float, timeout: float) -> Any:
+        self.calls += 1
+        d: Deferred = Deferred()
+        self.pending.append(d)
+        return await d
+
+    def answer(self, code: int = 200) -> FakeResponse:
+        response = FakeResponse(code)
+        self.pending.pop(0).callback(response)
+        return response
+
+    def fail(self) -> None:
+        self.pending.pop(0).errback(UpstreamError("connect", "refused"))
+
+    async def discard(self, response: Any) -> None:
+        pass
+
+
+class Events:
+    def __init__(self) -> None:
+        self.changes: list[tuple[str, str]] = []
+        self.gaps: list[str] = []
+        self.gone: list[str] = []
+
+
+def make_feed(policy=None, heartbeat: float = 1.0):
+    clock, client, events = Clock(), FakeClient(), Events()
+    feed = ChangesFeed(
+        "db",
+        client,  # type: ignore[arg-type]
+        clock,
+        heartbeat=heartbeat,
+        on_change=lambda db, docid: events.changes.append((db, docid)),
+        on_gap=events.gaps.append,
+        on_gone=events.gone.append,
+        policy=policy or backoffPolicy(initialDelay=1.0, maxDelay=8.0, factor=2.0, jitter=lambda: 0.0),
+    )
+    feed.startService()
+    return feed, clock, client, events
+
+
+def test_live_once_the_headers_arrive_and_changes_are_reported():
+    feed, clock, client, events = make_feed()
+    assert not feed.live
+    response = client.answer()
+    assert feed.live and feed.epoch == 1
+    response.send(b'{"seq":5,"id":"a","changes":[{"rev":"1-x"}]}\n\n')
+    response.send(b'{"seq":"6-g1AAAA","id":"b/c","deleted":true,"changes":[]}\n')
+    assert events.changes == [("db", "a"), ("db", "b/c")]
+    assert feed.last_seq == "6-g1AAAA"  # opaque: strings (2.x+) as well as integers (1.x)
+
+
+def test_a_line_split_across_chunks_is_reassembled():
+    feed, clock, client, events = make_feed()
+    response = client.answer()
+    response.send(b'{"seq":1,"id":"sp')
+    response.send(b'lit"}\n')
+    assert events.changes == [("db", "split")]
+
+
+def test_the_watchdog_drops_a_silent_connection_and_reconnects():
+    feed, clock, client, events = make_feed(heartbeat=1.0)
+    response = client.answer()
+    timeout = feed.watchdog_timeout
+    assert timeout == 3.0
+    clock.advance(timeout - 0.5)
+    response.send(b"\n")  # a heartbeat resets the watchdog
+    clock.advance(timeout - 0.5)
+    assert feed.live and not response.transport.stopped
+    clock.advance(0.6)
+    assert response.transport.stopped
+    assert not feed.live
+    assert events.gaps == ["db"]
+    assert client.calls == 1
+    clock.advance(1.0)  # policy(0) == 1 s
+    assert client.calls == 2
+    client.answer()
+    assert feed.live and feed.epoch == 2
+
+
+def test_backoff_grows_and_is_capped():
+    feed, clock, client, events = make_feed()
+    delays = []
+    for _ in range(6):
+        client.fail()
+        before = client.calls
+        waited = 0.0
+        while client.calls == before:
+            clock.advance(0.5)
+            waited += 0.5
+        delays.append(waited)
+    assert delays == [1.0, 2.0, 4.0, 8.0, 8.0, 8.0]
+
+
+def test_backoff_starts_over_after_a_live_period():
+    feed, clock, client, events = make_feed()
+    client.fail()
+    clock.advance(1.0)
+    client.fail()
+    clock.advance(2.0)
+    response = client.answer()
+    response.end()  # the server closes the feed
+    assert not feed.live and events.gaps == ["db"]
+    calls = client.calls
+    clock.advance(1.0)
+    assert client.calls == calls + 1
+
+
+def test_the_default_policy_is_jittered():
+    delays = set()
+    for _ in range(5):
+        feed, clock, client, events = make_feed(policy=None)
+        feed._policy = backoffPolicy(initialDelay=0.25, maxDelay=30.0, factor=2.0)
+        delays.add(round(feed._policy(3), 6))
+    assert len(delays) > 1
+    assert all(2.0 <= d <= 3.0 for d in delays)
+
+
+def test_a_404_means_the_database_is_gone():
+    feed, clock, client, events = make_feed()
+    client.answer(404)
+    assert events.gone == ["db"]
+    clock.advance(100)
+    assert client.calls == 1
+
+
+def test_other_statuses_retry():
+    feed, clock, client, events = make_feed()
+    client.answer(500)
+    clock.advance(1.0)
+    assert client.calls == 2
+
+
+def test_a_line_that_is_not_json_reconnects():
+    feed, clock, client, events = make_feed()
+    response = client.answer()
+    response.send(b"<html>proxy error</html>\n")
+    assert response.transport.stopped and not feed.live
+
+
+def test_stopping_closes_the_connection_and_never_reconnects():
+    feed, clock, client, events = make_feed()
+    response = client.answer()
+    feed.stopService()
+    assert response.transport.stopped
+    assert not feed.live
+    clock.advance(1000)
+    assert client.calls == 1
+    assert clock.getDelayedCalls() == []
+
+
+def test_stopping_while_connecting_cancels_the_attempt():
+    feed, clock, client, events = make_feed()
+    pending = client.pending[0]
+    feed.stopService()
+    assert pending.called  # cancelled
+    clock.advance(1000)
+    assert client.calls == 1
+
+
+def test_the_manager_bounds_feeds_and_reports_live_epochs():
+    clock, client = Clock(), FakeClient()
+    manager = FeedManager(client, clock, max_feeds=2, heartbeat=1.0)  # type: ignore[arg-type]
+    gaps = []
+    manager.on_gap = gaps.append
+    manager.startService()
+    assert manager.live_epoch("a") is None  # started, not live yet
+    client.answer()
+    assert manager.live_epoch("a") == 1
+    manager.live_epoch("b")
+    client.answer()
+    manager.live_epoch("a")  # a is now the most recently used
+    manager.live_epoch("c")
+    assert sorted(f.db for f in manager.feeds()) == ["a", "c"]
+    assert "b" in gaps
+    manager.stopService()
+    assert manager.feeds() == [] or all(not f.running for f in manager.feeds())
+
+
+@pytest.mark.parametrize("max_feeds", [0])
+def test_no_feeds_means_no_live_epoch(max_feeds):
+    clock, client = Clock(), FakeClient()
+    manager = FeedManager(client, clock, max_feeds=max_feeds, heartbeat=1.0)  # type: ignore[arg-type]
+    manager.startService()
+    assert manager.live_epoch("a") is None
+    assert client.calls == 0

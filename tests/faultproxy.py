@@ -78,6 +78,7 @@ class _FromService(protocol.Protocol):
         self.head_seen = b""
         self.rate = 0
         self.throttled = b""
+        self.trickling = False
 
     def connectionMade(self) -> None:
         self.proxy.connections.append(self)
@@ -135,14 +136,16 @@ class _FromService(protocol.Protocol):
             self.rate = fault.rate
 
     def _trickle(self) -> None:
-        """Pass on a tenth of a second's worth of throttled bytes."""
+        """Pass on a tenth of a second's worth of throttled bytes, then wait a tenth of a second."""
         if not self.open or not self.throttled:
+            self.trickling = False
             return
         step = max(1, self.rate // 10)
         data, self.throttled = self.throttled[:step], self.throttled[step:]
         self.transport.write(data)
-        if self.throttled:
-            self.proxy.reactor.callLater(0.1, self._trickle)
+        # Keep the 0.1 s cadence even when the buffer ran dry: bytes that arrive in small
+        # chunks (CouchDB sends <= 8 KiB at a time) must not pass unthrottled.
+        self.proxy.reactor.callLater(0.1, self._trickle)
 
     def _release(self) -> None:
         held, self.held = self.held or [], None
@@ -179,7 +182,8 @@ class _FromService(protocol.Protocol):
                 self.swallow = True
             return
         if self.rate:
-            if not self.throttled:
+            if not self.trickling:
+                self.trickling = True
                 self.proxy.reactor.callLater(0, self._trickle)
             self.throttled += data
             return

@@ -8,14 +8,18 @@ account, the way a deployment runs CouchDB.
 from __future__ import annotations
 
 import base64
+import ctypes
 import http.client
 import json
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import quote, urlsplit
@@ -29,6 +33,26 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` making the child get SIGTERM when this process dies (Linux; elsewhere None).
+
+    For children started in their own session, which a terminal's Ctrl-C no
+    longer reaches: should the parent be killed outright, they still stop.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved before the fork
+    parent = os.getpid()
+    pr_set_pdeathsig = 1
+
+    def preexec() -> None:
+        prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl
+            os._exit(1)
+
+    return preexec
 
 
 class CouchAdmin:
@@ -127,7 +151,12 @@ class CouchAdmin:
 
 
 class PouchDBServer:
-    """``pouchdb-server`` from ``tests/node_modules``, with an admin account."""
+    """``pouchdb-server`` from ``tests/node_modules``, with an admin account.
+
+    With ``own_session`` it runs in a session of its own, which the terminal's
+    Ctrl-C does not reach, so the caller decides when it stops (it still gets
+    SIGTERM should the caller die).
+    """
 
     def __init__(
         self,
@@ -136,11 +165,13 @@ class PouchDBServer:
         port: int | None = None,
         admin: tuple[str, str] | None = None,
         node_modules: Path = DEFAULT_NODE_MODULES,
+        own_session: bool = False,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.port = port or free_port()
         self.admin = admin or ("admin", secrets.token_urlsafe(12))
         self._script = node_modules / "pouchdb-server" / "bin" / "pouchdb-server"
+        self._own_session = own_session
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -179,6 +210,8 @@ class PouchDBServer:
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
+            start_new_session=self._own_session,
+            preexec_fn=die_with_parent() if self._own_session else None,
         )
         log.close()
         anonymous = CouchAdmin(f"http://127.0.0.1:{self.port}")

@@ -6,6 +6,7 @@ Options win over environment variables (``COUCHDB_URL``,
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -40,6 +41,16 @@ def _count(value: str) -> int:
 _count.coerceDoc = "A whole number, 0 or more."  # type: ignore[attr-defined]
 
 
+def _at_least_one(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise ValueError("must be 1 or more")
+    return number
+
+
+_at_least_one.coerceDoc = "A whole number, 1 or more."  # type: ignore[attr-defined]
+
+
 def _log_format(value: str) -> str:
     if value not in ("combined", "json"):
         raise ValueError("must be combined or json")
@@ -49,8 +60,39 @@ def _log_format(value: str) -> str:
 _log_format.coerceDoc = "combined or json."  # type: ignore[attr-defined]
 
 
-def _list(value: str) -> tuple[str, ...]:
-    return tuple(item.strip() for item in value.split(",") if item.strip())
+def _list(option: str, value: str) -> tuple[str, ...]:
+    """A comma-separated option; given, it must name something, with no empty items."""
+    if not value:
+        return ()
+    items = tuple(item.strip() for item in value.split(","))
+    if not all(items):
+        raise usage.UsageError(f"--{option} takes a comma-separated list with no empty items: {value!r}")
+    return items
+
+
+def _networks(option: str, value: str) -> tuple[str, ...]:
+    items = _list(option, value)
+    for item in items:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise usage.UsageError(f"--{option}: {item!r} is not an IP address or network") from None
+    return items
+
+
+def _endpoint(option: str, description: str) -> None:
+    """Refuse an endpoint string Twisted cannot parse (it would fail later with a traceback)."""
+    from twisted.internet import reactor
+
+    try:
+        serverFromString(reactor, description)
+    except (IndexError, KeyError):
+        raise usage.UsageError(
+            f"--{option} {description!r}: no such socket was passed in by systemd"
+        ) from None
+    except Exception as exc:  # ValueError, TypeError, OSError (a missing key file)...
+        why = str(exc) or type(exc).__name__
+        raise usage.UsageError(f"--{option} {description!r} is not a usable endpoint: {why}") from None
 
 
 def _read_url_file(path: str) -> str:
@@ -94,7 +136,7 @@ class Options(usage.Options):
             "and the longest silence allowed in the middle of an attachment.",
             _positive,
         ],
-        ["max-connections", None, 32, "Persistent connections kept open to CouchDB.", int],
+        ["max-connections", None, 32, "Persistent connections kept open to CouchDB.", _at_least_one],
         [
             "cache-size",
             None,
@@ -130,7 +172,13 @@ class Options(usage.Options):
             "Read the CouchDB URL from this file instead (default: $COUCHDB_URL_FILE); "
             "keeps the password off the command line, e.g. with systemd's LoadCredential=.",
         ],
-        ["max-downloads", None, 1000, "Downloads served at once; past it, 503 with Retry-After.", _count],
+        [
+            "max-downloads",
+            None,
+            1000,
+            "Downloads served at once; past it, 503 with Retry-After.",
+            _at_least_one,
+        ],
         [
             "idle-timeout",
             None,
@@ -233,6 +281,9 @@ class Options(usage.Options):
         return DEFAULT_COUCHDB_URL
 
     def postOptions(self) -> None:
+        _endpoint("port", self["port"])
+        if self["metrics-port"] is not None:
+            _endpoint("metrics-port", self["metrics-port"])
         url = self._couchdb_url()
         field = self["token-field"] or self._environ.get("DOWNLOAD_TOKEN_KEY_NAME") or DEFAULT_TOKEN_FIELD
         try:
@@ -253,12 +304,12 @@ class Options(usage.Options):
                 metrics_port=self["metrics-port"],
                 blob_cache_bytes=self["blob-cache-bytes"],
                 blob_cache_max_item=self["blob-cache-max-item"],
-                sandbox_types=_list(self["sandbox-types"]),
-                force_download_types=_list(self["force-download-types"]),
-                databases=_list(self["databases"]),
+                sandbox_types=_list("sandbox-types", self["sandbox-types"]),
+                force_download_types=_list("force-download-types", self["force-download-types"]),
+                databases=_list("databases", self["databases"]),
                 max_link_lifetime=self["max-link-lifetime"],
                 max_failures=self["max-failures"],
-                trusted_proxies=_list(self["trusted-proxies"]),
+                trusted_proxies=_networks("trusted-proxies", self["trusted-proxies"]),
             )
         except ConfigError as exc:
             raise usage.UsageError(str(exc)) from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from http import HTTPStatus
 
 from twisted.web.iweb import IRequest
 
@@ -58,7 +59,8 @@ def write_answer(request: IRequest, answer: HTTPAnswer) -> bytes:
     body = json.dumps(answer.body, separators=(",", ":")).encode("ascii")
     for name in SUCCESS_HEADERS:
         request.responseHeaders.removeHeader(name)
-    request.setResponseCode(answer.status)
+    # Twisted knows no reason phrase for some codes (429 would read "Unknown Status").
+    request.setResponseCode(answer.status, HTTPStatus(answer.status).phrase.encode("ascii"))
     set_common_headers(request)
     for name, value in answer.headers.items():
         request.setHeader(name.replace("_", "-"), value)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import pytest_twisted
+from twisted.internet.threads import deferToThread
 
-from tests.http import fetch
+from tests.http import fetch, raw_exchange
 
 TOKEN = "throttle-token"
 
@@ -27,6 +28,13 @@ async def test_too_many_failures_answer_429_before_any_work(start_service, db, d
     assert blocked.status == 429
     assert 1 <= int(blocked.header("retry-after")) <= 60
     assert blocked.json()["error"] == "too_many_requests"
+    path = service.url(db, doc, "f.txt", "guess-7").split(service.base_url, 1)[1]
+    raw = await deferToThread(
+        raw_exchange,
+        int(service.base_url.rsplit(":", 1)[1]),
+        f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode(),
+    )
+    assert raw.startswith(b"HTTP/1.1 429 Too Many Requests\r\n"), raw[:60]
     # Even the right token waits out the window, and nothing reaches CouchDB meanwhile.
     assert (await fetch(service.url(db, doc, "f.txt", TOKEN))).status == 429
     assert len(service.couchdb_targets()) == seen

@@ -120,3 +120,29 @@ def test_twist_couchtoken_serves_downloads(couch_server, admin, db, tmp_path):
     assert "token=REDACTED" in log
     assert TOKEN not in log
     assert password not in log
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["--port", "nonsense"], "--port 'nonsense' is not a usable endpoint"),
+        (["--metrics-port", "bogus"], "--metrics-port 'bogus' is not a usable endpoint"),
+        (["--port", "tcp:notaport"], "--port 'tcp:notaport' is not a usable endpoint"),
+        (["--port", "systemd:domain=INET:index=0"], "no such socket was passed in by systemd"),
+        (["--trusted-proxies", "notanip"], "'notanip' is not an IP address or network"),
+        (["--trusted-proxies", "10.0.0.0/8,"], "no empty items"),
+        (["--max-connections", "-5"], "must be 1 or more"),
+        (["--max-connections", "0"], "must be 1 or more"),
+        (["--max-downloads", "0"], "must be 1 or more"),
+        (["--databases", ","], "--databases takes a comma-separated list with no empty items"),
+        (["--sandbox-types", "text/x-a,,"], "--sandbox-types takes a comma-separated list"),
+        (["--connect-timeout", "0"], "must be a positive number"),
+    ],
+)
+def test_bad_options_are_one_line_errors_with_status_64(argv, says):
+    result = _twist("couchtoken", *argv)
+    output = result.stdout + result.stderr
+    assert result.returncode == 64, output[-2000:]
+    assert "Traceback" not in output
+    errors = [line for line in output.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1 and says in errors[0], errors

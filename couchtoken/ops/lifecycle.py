@@ -6,8 +6,9 @@ import os
 import signal
 from typing import Any
 
+from twisted.application.internet import backoffPolicy
 from twisted.application.service import Service
-from twisted.internet.defer import CancelledError
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 
 from couchtoken.ops.settings import Settings
@@ -15,21 +16,57 @@ from couchtoken.upstream.client import CouchDBClient
 from couchtoken.web.inflight import InFlight
 
 _log = Logger()
+_STARTUP_BACKOFF = backoffPolicy(initialDelay=1.0, maxDelay=30.0)
 
 
 class CouchDBClientService(Service):
-    """Logs the configuration at start; closes pooled connections at stop."""
+    """Logs the configuration at start and whether CouchDB answers; closes pooled connections at stop.
 
-    def __init__(self, client: CouchDBClient, settings: Settings) -> None:
+    A CouchDB that does not answer at start gets one warning; it is asked
+    again with backoff (the service runs meanwhile) until it answers, which
+    is logged once too.
+    """
+
+    def __init__(self, client: CouchDBClient, settings: Settings, clock: Any) -> None:
         self._client = client
         self._settings = settings
+        self._clock = clock
+        self._checking: Deferred[None] | None = None
+        self._retry: Any = None
 
     def startService(self) -> None:
         super().startService()
         _log.info("couchtoken starting: {settings}", settings=self._settings.describe())
+        self._check(attempt=0)
+
+    def _check(self, attempt: int) -> None:
+        self._retry = None
+        self._checking = Deferred.fromCoroutine(self._probe(attempt))
+
+    async def _probe(self, attempt: int) -> None:
+        problem = await self._client.probe(self._settings.connect_timeout)
+        self._checking = None
+        if not self.running:
+            return
+        if problem is None:
+            if attempt:
+                _log.info("CouchDB at {couchdb} answers now", couchdb=self._settings.couchdb)
+            return
+        if not attempt:
+            _log.warn(
+                "CouchDB at {couchdb} does not answer ({problem}); downloads fail with 502/504 "
+                "until it does. Retrying in the background.",
+                couchdb=self._settings.couchdb,
+                problem=problem,
+            )
+        self._retry = self._clock.callLater(_STARTUP_BACKOFF(attempt + 1), self._check, attempt + 1)
 
     def stopService(self) -> Any:
         super().stopService()
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        if self._checking is not None:
+            self._checking.cancel()
         return self._client.close()
 
 

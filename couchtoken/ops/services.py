@@ -104,7 +104,7 @@ def build(settings: Settings, reactor: Any) -> Couchtoken:
     ops_site = Site(OpsApp(ops).resource(), reactor=reactor)
     ops_site.log = lambda request: None  # polled every few seconds: not worth a log line
     service = MultiService()
-    CouchDBClientService(client, settings).setServiceParent(service)
+    CouchDBClientService(client, settings, reactor).setServiceParent(service)
     feeds.setServiceParent(service)
     DrainService(app.in_flight, settings.drain_timeout).setServiceParent(service)
     return Couchtoken(settings, client, feeds, documents, app, metrics, blobs, site, ops_site, service)

@@ -120,6 +120,7 @@ class CouchDBClient:
         feed_pool._factory = _QuietClientFactory
         self._feed_agent = Agent(reactor, connectTimeout=connect_timeout, pool=feed_pool)
         self._log = Logger()
+        self._health_path = "/_up"
 
     def __repr__(self) -> str:
         return f"CouchDBClient({self._server!r})"
@@ -211,14 +212,25 @@ class CouchDBClient:
         return await self._with_timeout(d, "a changes feed request", timeout)
 
     async def ping(self, timeout: float) -> bool:
-        """Whether CouchDB answers ``GET /`` with 200 within ``timeout`` seconds."""
+        """Whether CouchDB answers within ``timeout`` seconds."""
+        return await self.probe(timeout) is None
+
+    async def probe(self, timeout: float) -> str | None:
+        """None when CouchDB answers ``GET /_up`` (``GET /`` where it has none) with 200; else why not."""
         try:
-            d = Deferred.fromCoroutine(self._get(self._url("/"), self._headers(accept=b"application/json")))
-            response = await self._with_timeout(d, "a health check", timeout)
-            await self.discard(response)
-            return response.code == 200
-        except UpstreamError:
-            return False
+            for path in ("/_up", "/"):
+                d = Deferred.fromCoroutine(
+                    self._get(self._url(path), self._headers(accept=b"application/json"))
+                )
+                response = await self._with_timeout(d, "a health check", timeout)
+                await self.discard(response)
+                if response.code != 404:
+                    break
+        except UpstreamError as exc:
+            return exc.detail
+        if response.code != 200:
+            return _status_error(response.code).detail
+        return None
 
     async def discard(self, response: IResponse) -> None:
         """Read and drop a small body so the connection can be reused."""

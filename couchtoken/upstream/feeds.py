@@ -124,6 +124,8 @@ class ChangesFeed(Service):
             return
         except UpstreamError as exc:
             self._connecting = None
+            if not self.running:
+                return  # stopped while connecting: the cancelled request is no failure
             _log.warn(
                 "Changes feed for {db} could not connect ({kind}): {detail}",
                 db=self.db,

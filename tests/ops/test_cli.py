@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 
 import pytest
 from twisted.python import usage
 
-from couchtoken.dev.pouchdb import ROOT
+from couchtoken.dev.pouchdb import ROOT, free_port
 from couchtoken.ops.tap import Options
 from tests.twistproc import TwistProcess
 
@@ -146,3 +147,38 @@ def test_bad_options_are_one_line_errors_with_status_64(argv, says):
     assert "Traceback" not in output
     errors = [line for line in output.splitlines() if line.startswith("Error: ")]
     assert len(errors) == 1 and says in errors[0], errors
+
+
+def test_an_unreachable_couchdb_is_one_warning_at_start_and_the_service_runs(tmp_path):
+    service = TwistProcess(tmp_path / "twist.log", env={"COUCHDB_URL": f"http://127.0.0.1:{free_port()}"})
+    service.start()
+    try:
+        deadline = time.monotonic() + 10
+        while "does not answer" not in service.log() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        with pytest.raises(urllib.error.HTTPError) as failed:
+            urllib.request.urlopen(f"{service.base_url}/db/doc/f.txt?token=t", timeout=10)
+        assert failed.value.code in (502, 504)
+        time.sleep(2.5)  # the background retries must not repeat the warning
+    finally:
+        service.stop()
+    warnings = [line for line in service.log().splitlines() if "does not answer" in line]
+    assert len(warnings) == 1, warnings
+    assert "Retrying" in warnings[0]
+    assert service.process.returncode == 0
+
+
+def test_stopping_logs_no_warning(couch_server, admin, db, tmp_path):
+    admin.put(db, "doc", {"download_token": TOKEN})
+    admin.put_attachment(db, "doc", "hello.txt", b"hello", "text/plain")
+    service = TwistProcess(tmp_path / "twist.log", env={"COUCHDB_URL": couch_server.url})
+    service.start()
+    try:
+        with urllib.request.urlopen(f"{service.base_url}/{db}/doc/hello.txt?token={TOKEN}") as response:
+            assert response.read() == b"hello"  # starts the database's feed, which is still connecting
+    finally:
+        service.stop()
+    log = service.log()
+    assert "couchtoken starting" in log
+    assert "CancelledError" not in log
+    assert "#warn]" not in log and "#error]" not in log and "#critical]" not in log, log[-3000:]

@@ -22,7 +22,10 @@ TOKEN = "sd-token"
 
 def test_units_pass_systemd_analyze_verify(tmp_path):
     analyze = shutil.which("systemd-analyze")
-    assert analyze, "systemd-analyze is missing (.ci/run installs Debian's systemd)"
+    if analyze is None:
+        if os.environ.get("CI"):
+            pytest.fail("systemd-analyze is missing: .ci/run installs Debian's systemd")
+        pytest.skip("systemd-analyze is not installed (apt-get install systemd)")
     twist = Path(sys.executable).with_name("twist")
     for unit in ("couchtoken.service", "couchtoken.socket"):
         text = (UNITS / unit).read_text()

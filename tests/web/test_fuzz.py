@@ -166,7 +166,7 @@ def check_one(target, request) -> None:
         assert decoded == [TOKEN.encode()], (uri, status)
     for request_seen in service.proxy.requests[seen_before:]:
         line = f"{request_seen.method} {request_seen.target}"
-        assert ALLOWED.match(line) or line == "GET /", line
+        assert ALLOWED.match(line), line
 
 
 @pytest_twisted.ensureDeferred

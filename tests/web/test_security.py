@@ -18,6 +18,7 @@ TOKEN = "tok"
 ALLOWED = re.compile(
     r"GET /(?!_)[^/?]+/(?!_)[^/?]+(/[^?]+\?rev=[0-9]+-[0-9a-f]+)?\Z"
     r"|GET /(?!_)[^/?]+/_changes\?feed=continuous&heartbeat=[0-9]+&since=now\Z"
+    r"|GET /_up\Z|GET /\Z"  # the health check (at start, and for /_health)
 )
 
 

@@ -84,6 +84,15 @@ async def test_content_disposition(service, db, files, query, kind):
 
 
 @pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("suffix", ["&download", "&download&x=1", ";download"])
+async def test_a_bare_download_key_asks_for_a_download(service, db, files, suffix):
+    # Twisted's request.args drops keys without "="; the README promises ?download.
+    reply = await fetch(service.url(db, files, "note.txt", TOKEN) + suffix)
+    assert reply.status == 200
+    assert reply.header("content-disposition").startswith("attachment;")
+
+
+@pytest_twisted.ensureDeferred
 async def test_unicode_quotes_spaces_and_semicolons_in_the_filename(service, db, files):
     name = 'dir/Grüße "quoted"; a b.txt'
     reply = await fetch(service.url(db, files, name, TOKEN, download="1"))

@@ -1,17 +1,26 @@
 """Shared fixtures: a real CouchDB-compatible server, fresh databases, the service.
 
-By default a PouchDB Server (``tests/node_modules``, pinned by
-``tests/package-lock.json``) is started on a free loopback port with an admin
-account.  With ``COUCHTOKEN_TEST_COUCHDB_URL=http://admin:pass@host:5984`` the
-suite runs against that server (a real Apache CouchDB) and starts none.
+The server under the tests (``couch_server.kind``) is one of three:
+
+- ``"pouchdb"`` (the default): a PouchDB Server (``tests/node_modules``, pinned by
+  ``tests/package-lock.json``) started on a free loopback port with an admin account;
+- ``"couchdb"``: with ``COUCHTOKEN_TEST_COUCHDB_START=/path/to/start-couchdb`` (see
+  ``../shared/couchdb/README.md``), a real Apache CouchDB 3.5 single node started from
+  the release in a temporary directory, on free ports, with a random admin password
+  (``tests/couchdb_release.py``);
+- ``"url"``: with ``COUCHTOKEN_TEST_COUCHDB_URL=http://admin:pass@host:5984``, that
+  server (a real Apache CouchDB), started by someone else: the suite starts none, and
+  tests that restart the server skip.
 """
 
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 from urllib.parse import quote
 
 import attrs
@@ -25,35 +34,81 @@ from twisted.logger import globalLogPublisher
 from couchtoken.dev.pouchdb import CouchAdmin, PouchDBServer
 from couchtoken.ops.services import Couchtoken, build
 from couchtoken.ops.settings import Settings
-from couchtoken.upstream.server import CouchDBServer
+from couchtoken.upstream.server import CouchDBCluster
+from tests.couchdb_release import START_ENV, CouchDBRelease
 from tests.faultproxy import FaultProxy
 from tests.http import fetch, service_url
 
+# The service asks these at start and for /_health: not part of any download.
+HEALTH_CHECKS = ("GET /_up", "GET /")
 COUCHDB_ENV = "COUCHTOKEN_TEST_COUCHDB_URL"
+COUCHDB_START_ENV = START_ENV  # "COUCHTOKEN_TEST_COUCHDB_START"
+
+ServerKind = Literal["pouchdb", "couchdb", "url"]
 
 
 @attrs.define
 class CouchServer:
-    """The server under the tests: its admin URL, and the PouchDB process if we run it."""
+    """The server under the tests: its admin URL, its kind, and its process if the tests run it."""
 
     url: str
-    pouchdb: PouchDBServer | None
+    kind: ServerKind
+    pouchdb: PouchDBServer | None = None
+    couchdb: CouchDBRelease | None = None
 
     @property
     def admin(self) -> CouchAdmin:
         return CouchAdmin(self.url)
 
+    @property
+    def restartable(self) -> bool:
+        """Whether the tests started the server, so :meth:`restart` can restart it."""
+        return self.kind != "url"
+
+    def restart(self, downtime: float = 0.0) -> None:
+        """Stop the server cleanly, stay down ``downtime`` seconds, start it again on the same data.
+
+        Same port, same admin account.  Blocking: from the reactor, run it in a thread.
+        """
+        if self.pouchdb is not None:
+            self.pouchdb.stop()
+            time.sleep(downtime)
+            self.pouchdb.start()
+        elif self.couchdb is not None:
+            self.couchdb.restart(downtime)
+        else:
+            raise RuntimeError(f"cannot restart a server the tests did not start ({self.kind})")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Refuse a confusing server choice before any test runs."""
+    start_script = os.environ.get(COUCHDB_START_ENV)
+    if start_script and os.environ.get(COUCHDB_ENV):
+        raise pytest.UsageError(f"set {COUCHDB_ENV} or {COUCHDB_START_ENV}, not both")
+    if start_script and not Path(start_script).expanduser().is_file():
+        raise pytest.UsageError(f"{COUCHDB_START_ENV}={start_script}: no such file")
+
 
 @pytest.fixture(scope="session")
 def couch_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CouchServer]:
     url = os.environ.get(COUCHDB_ENV)
+    start_script = os.environ.get(COUCHDB_START_ENV)
     if url:
-        yield CouchServer(url=url, pouchdb=None)
+        yield CouchServer(url=url, kind="url")
+        return
+    if start_script:
+        couchdb = CouchDBRelease(Path(start_script).expanduser(), tmp_path_factory.mktemp("couchdb"))
+        couchdb.start()
+        try:
+            couchdb.setup_for_tests()
+            yield CouchServer(url=couchdb.url, kind="couchdb", couchdb=couchdb)
+        finally:
+            couchdb.stop()
         return
     server = PouchDBServer(tmp_path_factory.mktemp("pouchdb"))
     server.start()
     try:
-        yield CouchServer(url=server.url, pouchdb=server)
+        yield CouchServer(url=server.url, kind="pouchdb", pouchdb=server)
     finally:
         server.stop()
 
@@ -84,10 +139,11 @@ class RunningService:
     def url(self, db: str, docid: str, attachment: str, token: str | None = None, **query: str) -> str:
         return service_url(self.base_url, db, docid, attachment, token, **query)
 
-    def couchdb_targets(self) -> list[str]:
-        """What reached CouchDB so far, as ``METHOD target`` lines."""
+    def couchdb_targets(self, health_checks: bool = False) -> list[str]:
+        """What reached CouchDB so far, as ``METHOD target`` lines (health checks only if asked)."""
         assert self.proxy is not None
-        return self.proxy.targets()
+        targets = self.proxy.targets()
+        return targets if health_checks else [t for t in targets if t not in HEALTH_CHECKS]
 
     async def get(self, *args: Any, **kwargs: Any) -> Any:
         return await fetch(*args, **kwargs)
@@ -110,9 +166,10 @@ class ServiceStarter:
             couchdb_url = f"http://{creds if admin.user else ''}{proxy.url_host}"
         # Every test client is 127.0.0.1: guess throttling only where a test turns it on.
         options.setdefault("max_failures", 0)
-        settings = Settings(couchdb=CouchDBServer.from_url(couchdb_url), **options)
+        settings = Settings(couchdb=CouchDBCluster.from_urls(couchdb_url), **options)
         app = build(settings, global_reactor)
         app.service.startService()
+        await app.startup.first_check  # the start-up check of CouchDB is done before a test injects faults
         endpoint = TCP4ServerEndpoint(global_reactor, 0, backlog=1024, interface="127.0.0.1")
         port = await endpoint.listen(app.site)
         service = RunningService(

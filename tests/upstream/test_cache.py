@@ -8,6 +8,7 @@ import pytest
 import pytest_twisted
 from twisted.internet.defer import DeferredList, ensureDeferred
 
+from couchtoken.upstream.client import DOCUMENT_QUERY
 from tests.http import fetch
 from tests.waiting import wait_until
 
@@ -16,7 +17,7 @@ HEARTBEAT = 0.2  # seconds: feeds go live fast, and silent ones are noticed in 1
 
 
 def doc_requests(service, db, docid="doc"):
-    return [t for t in service.couchdb_targets() if t == f"GET /{db}/{docid}"]
+    return [t for t in service.couchdb_targets() if t == f"GET /{db}/{docid}?{DOCUMENT_QUERY}"]
 
 
 def attachment_requests(service, db):
@@ -243,12 +244,11 @@ async def test_past_max_feeds_the_least_recently_used_database_goes_uncached(sta
 
 @pytest_twisted.ensureDeferred
 async def test_feeds_reconnect_after_couchdb_restarts(start_service, couch_server, admin, db, doc):
-    if couch_server.pouchdb is None:
-        pytest.skip("restarts only the PouchDB Server the tests started")
+    if not couch_server.restartable:
+        pytest.skip("restarts only a server the tests started")
     service = await start_service(feed_heartbeat=HEARTBEAT)
     await warm(service, db)
-    couch_server.pouchdb.stop()
-    couch_server.pouchdb.start()
+    couch_server.restart()
     assert await wait_until(lambda: all(f.live for f in service.app.feeds.feeds()), 10)
     await warm(service, db)
     admin.put(db, doc, {"download_token": "after-restart"})

@@ -79,6 +79,7 @@ class _FromService(protocol.Protocol):
         self.rate = 0
         self.throttled = b""
         self.trickling = False
+        self.received = 0  # bytes that came from the server on this connection
 
     def connectionMade(self) -> None:
         self.proxy.connections.append(self)
@@ -172,6 +173,7 @@ class _FromService(protocol.Protocol):
         self.pending = []
 
     def from_upstream(self, data: bytes) -> None:
+        self.received += len(data)
         if self.swallow:
             return
         if self.stall_after_head:

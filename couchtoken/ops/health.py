@@ -74,6 +74,7 @@ class HealthCheck:
         body: dict[str, Any] = {"status": "ok" if ok else "unavailable"}
         if details:
             body["couchdb"] = body["status"]
+            body["nodes"] = self._client.nodes.states()
             body["feeds"] = {"connected": self._feeds.connected(), "total": len(self._feeds.feeds())}
             body["cache"] = {"entries": len(self._documents)}
         return (200 if ok else 503), body

@@ -33,6 +33,7 @@ class CouchDBClientService(Service):
         self._clock = clock
         self._checking: Deferred[None] | None = None
         self._retry: Any = None
+        self.first_check: Deferred[None] = Deferred()  # fires once CouchDB has been asked at start
 
     def startService(self) -> None:
         super().startService()
@@ -46,6 +47,8 @@ class CouchDBClientService(Service):
     async def _probe(self, attempt: int) -> None:
         problem = await self._client.probe(self._settings.connect_timeout)
         self._checking = None
+        if not self.first_check.called:
+            self.first_check.callback(None)
         if not self.running:
             return
         if problem is None:

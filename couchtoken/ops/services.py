@@ -38,6 +38,7 @@ class Couchtoken:
     site: DownloadSite
     ops_site: Site
     service: MultiService
+    startup: CouchDBClientService
 
 
 def build(settings: Settings, reactor: Any) -> Couchtoken:
@@ -69,6 +70,7 @@ def build(settings: Settings, reactor: Any) -> Couchtoken:
             "cache_evictions": documents.evictions,
             "revocations_applied": documents.revocations,
             "feed_reconnects": feeds.reconnects,
+            "upstream_failovers": client.nodes.failovers,
             "cache_entries": len(documents),
             "feeds_connected": feeds.connected(),
             "blob_cache_hits": blobs.hits,
@@ -104,7 +106,10 @@ def build(settings: Settings, reactor: Any) -> Couchtoken:
     ops_site = Site(OpsApp(ops).resource(), reactor=reactor)
     ops_site.log = lambda request: None  # polled every few seconds: not worth a log line
     service = MultiService()
-    CouchDBClientService(client, settings, reactor).setServiceParent(service)
+    startup = CouchDBClientService(client, settings, reactor)
+    startup.setServiceParent(service)
     feeds.setServiceParent(service)
     DrainService(app.in_flight, settings.drain_timeout).setServiceParent(service)
-    return Couchtoken(settings, client, feeds, documents, app, metrics, blobs, site, ops_site, service)
+    return Couchtoken(
+        settings, client, feeds, documents, app, metrics, blobs, site, ops_site, service, startup
+    )

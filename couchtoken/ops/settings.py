@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import attrs
 
-from couchtoken.upstream.server import ConfigError, CouchDBServer
+from couchtoken.upstream.server import ConfigError, CouchDBCluster, as_cluster
 
 DEFAULT_TOKEN_FIELD = "download_token"
 
@@ -21,7 +21,7 @@ def parse_token_field(value: str) -> tuple[str, ...]:
 class Settings:
     """Everything the download service needs to run."""
 
-    couchdb: CouchDBServer
+    couchdb: CouchDBCluster = attrs.field(converter=as_cluster)  # a CouchDBServer is one node
     token_field: tuple[str, ...] = (DEFAULT_TOKEN_FIELD,)
     connect_timeout: float = 5.0
     response_timeout: float = 30.0
@@ -29,7 +29,7 @@ class Settings:
     cache_size: int = 10_000
     cache_ttl: float = 600.0
     max_feeds: int = 100
-    feed_heartbeat: float = 5.0
+    feed_heartbeat: float = 1.0
     max_downloads: int = 1000
     idle_timeout: float = 60.0
     drain_timeout: float = 30.0

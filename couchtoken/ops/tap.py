@@ -18,7 +18,7 @@ from twisted.python import usage
 from couchtoken.ops.lifecycle import ExitCleanlyOnSigterm, ListeningPort
 from couchtoken.ops.services import build
 from couchtoken.ops.settings import DEFAULT_TOKEN_FIELD, Settings, parse_token_field
-from couchtoken.upstream.server import DEFAULT_COUCHDB_URL, ConfigError, CouchDBServer
+from couchtoken.upstream.server import DEFAULT_COUCHDB_URL, ConfigError, CouchDBCluster
 
 
 def _positive(value: str) -> float:
@@ -117,7 +117,8 @@ class Options(usage.Options):
             "couchdb-url",
             None,
             None,
-            "CouchDB URL with admin credentials, http://user:pass@host:5984 "
+            "CouchDB URL with admin credentials, http://user:pass@host:5984, or a comma-separated "
+            "list of the nodes of one cluster, in order of preference "
             f"(default: $COUCHDB_URL, else {DEFAULT_COUCHDB_URL}).",
         ],
         [
@@ -161,8 +162,9 @@ class Options(usage.Options):
         [
             "feed-heartbeat",
             None,
-            5.0,
-            "Seconds between the feeds' heartbeats; a feed silent for twice that plus 1 s reconnects.",
+            1.0,
+            "Seconds between the feeds' heartbeats; cached checks of a feed silent for 2.5 heartbeats "
+            "are not used, and a feed silent for twice that plus 1 s reconnects.",
             _positive,
         ],
         [
@@ -288,7 +290,7 @@ class Options(usage.Options):
         field = self["token-field"] or self._environ.get("DOWNLOAD_TOKEN_KEY_NAME") or DEFAULT_TOKEN_FIELD
         try:
             self["settings"] = Settings(
-                couchdb=CouchDBServer.from_url(url),
+                couchdb=CouchDBCluster.from_urls(url),
                 token_field=parse_token_field(field),
                 connect_timeout=self["connect-timeout"],
                 response_timeout=self["response-timeout"],

@@ -1,9 +1,11 @@
 """The only way couchtoken talks to CouchDB: a few GETs, nothing else.
 
-``fetch_document`` reads ``GET /<db>/<docid>``; ``open_attachment`` starts
+``fetch_document`` reads ``GET /<db>/<docid>?att_encoding_info=true``; ``open_attachment`` starts
 ``GET /<db>/<docid>/<attachment>?rev=<rev>`` and hands back the unread
 response so its body can be streamed; ``open_changes`` starts a database's
-continuous ``_changes`` feed; ``ping`` asks ``GET /`` for health checks.
+continuous ``_changes`` feed; ``probe`` asks ``GET /_up`` for health checks.
+Every request goes to the first node of the cluster that answers (see
+``couchtoken.upstream.nodes``).
 
 A plain ``Agent`` is used rather than ``treq.HTTPClient``, which always adds
 gzip decoding (and a cookie jar and redirects): attachment bytes must reach
@@ -17,16 +19,17 @@ from typing import Any
 
 import treq
 from twisted.internet import defer, error
-from twisted.internet.defer import Deferred
-from twisted.logger import Logger
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed, _HTTP11ClientFactory
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
 from couchtoken import __version__
 from couchtoken.access.names import AttachmentPath, attachment_path, document_path, encode_segment
-from couchtoken.upstream.server import CouchDBServer
+from couchtoken.upstream.nodes import NodeSet
+from couchtoken.upstream.server import CouchDBCluster, CouchDBServer, as_cluster
 
+DOCUMENT_QUERY = "att_encoding_info=true"
 MAX_DOCUMENT_BYTES = 16 * 1024 * 1024
 MAX_ERROR_BODY_BYTES = 64 * 1024
 _USER_AGENT = f"couchtoken/{__version__}".encode("ascii")
@@ -96,18 +99,24 @@ async def read_limited(response: IResponse, limit: int) -> bytes:
 
 
 class CouchDBClient:
-    """GETs documents and attachments from one CouchDB server."""
+    """GETs documents, attachments and feeds from a CouchDB node or cluster, failing over between nodes.
+
+    A request that gets no answer from a node (refused, reset, timed out
+    before the response headers) is tried on the next node; once a response
+    has started, it is that node's.
+    """
 
     def __init__(
         self,
-        server: CouchDBServer,
+        cluster: CouchDBCluster | CouchDBServer,
         reactor: Any,
         *,
         connect_timeout: float,
         response_timeout: float,
         max_connections_per_host: int,
     ) -> None:
-        self._server = server
+        self.nodes = NodeSet(as_cluster(cluster), reactor)
+        self.nodes.probe = self._probe_node
         self._reactor = reactor
         self._response_timeout = response_timeout
         self.pool = HTTPConnectionPool(reactor, persistent=True)
@@ -119,25 +128,18 @@ class CouchDBClient:
         feed_pool = HTTPConnectionPool(reactor, persistent=False)
         feed_pool._factory = _QuietClientFactory
         self._feed_agent = Agent(reactor, connectTimeout=connect_timeout, pool=feed_pool)
-        self._log = Logger()
         self._health_path = "/_up"
 
     def __repr__(self) -> str:
-        return f"CouchDBClient({self._server!r})"
+        return f"CouchDBClient({', '.join(repr(n) for n in self.nodes.nodes)})"
 
-    def _headers(self, **extra: bytes) -> Headers:
+    def _headers(self, server: CouchDBServer, **extra: bytes) -> Headers:
         headers = Headers({b"user-agent": [_USER_AGENT]})
-        if self._server.authorization is not None:
-            headers.setRawHeaders(b"authorization", [self._server.authorization])
+        if server.authorization is not None:
+            headers.setRawHeaders(b"authorization", [server.authorization])
         for name, value in extra.items():
             headers.setRawHeaders(name.replace("_", "-").encode("ascii"), [value])
         return headers
-
-    def _url(self, path: str, query: str = "") -> bytes:
-        url = self._server.base_url + path
-        if query:
-            url += "?" + query
-        return url.encode("ascii")
 
     def _with_timeout(self, d: Deferred, what: str, timeout: float | None = None) -> Deferred:
         def timed_out(result: object, timeout: float) -> None:
@@ -153,15 +155,39 @@ class CouchDBClient:
         except Exception as exc:  # noqa: BLE001 - every client failure maps to 502/504
             raise _translate(exc) from None
 
+    async def _request(
+        self,
+        path: str,
+        query: str = "",
+        *,
+        what: str,
+        timeout: float | None = None,
+        agent: Agent | None = None,
+        **extra: bytes,
+    ) -> IResponse:
+        """GET ``path?query`` from the first node that answers; the body is left unread."""
+        failure: UpstreamError | None = None
+        for node in self.nodes.candidates():
+            url = _url(node.server, path, query)
+            d = Deferred.fromCoroutine(self._get(url, self._headers(node.server, **extra), agent))
+            try:
+                response = await self._with_timeout(d, what, timeout)
+            except UpstreamError as exc:  # no answer from this node: try the next
+                self.nodes.failed(node, exc.detail)
+                failure = exc
+                continue
+            self.nodes.answered(node)
+            return response
+        assert failure is not None
+        raise failure
+
     async def fetch_document(self, db: str, docid: str) -> dict[str, Any] | None:
         """The document's JSON, or None when the document or database is missing."""
-        return await self._with_timeout(
-            Deferred.fromCoroutine(self._fetch_document(db, docid)), "a document request"
+        # att_encoding_info: CouchDB keeps compressible types gzip-compressed; a HEAD
+        # needs the encoded length to answer as the GET will.
+        response = await self._request(
+            document_path(db, docid), DOCUMENT_QUERY, what="a document request", accept=b"application/json"
         )
-
-    async def _fetch_document(self, db: str, docid: str) -> dict[str, Any] | None:
-        url = self._url(document_path(db, docid))
-        response = await self._get(url, self._headers(accept=b"application/json"))
         if response.code == 404:
             await self.discard(response)
             return None
@@ -169,8 +195,11 @@ class CouchDBClient:
             await self.discard(response)
             raise _status_error(response.code)
         try:
-            body = await read_limited(response, MAX_DOCUMENT_BYTES)
+            reading = Deferred.fromCoroutine(read_limited(response, MAX_DOCUMENT_BYTES))
+            body = await self._with_timeout(reading, "a whole document")
         except defer.CancelledError:
+            raise
+        except UpstreamError:
             raise
         except Exception as exc:  # noqa: BLE001
             raise _translate(exc) from None
@@ -198,34 +227,52 @@ class CouchDBClient:
         if accept_gzip:
             extra["accept_encoding"] = b"gzip"
         query = "rev=" + encode_segment(rev) if rev else ""
-        url = self._url(attachment_path(target), query)
-        d = Deferred.fromCoroutine(self._get(url, self._headers(**extra)))
-        return await self._with_timeout(d, "an attachment request")
+        return await self._request(attachment_path(target), query, what="an attachment request", **extra)
 
     async def open_changes(self, db: str, heartbeat: float, timeout: float) -> IResponse:
         """Start ``GET /<db>/_changes?feed=continuous&heartbeat=..&since=now``; the body streams on."""
         query = f"feed=continuous&heartbeat={max(1, round(heartbeat * 1000))}&since=now"
-        url = self._url(f"/{encode_segment(db)}/_changes", query)
-        d = Deferred.fromCoroutine(
-            self._get(url, self._headers(accept=b"application/json"), self._feed_agent)
+        return await self._request(
+            f"/{encode_segment(db)}/_changes",
+            query,
+            what="a changes feed request",
+            timeout=timeout,
+            agent=self._feed_agent,
+            accept=b"application/json",
         )
-        return await self._with_timeout(d, "a changes feed request", timeout)
 
     async def ping(self, timeout: float) -> bool:
-        """Whether CouchDB answers within ``timeout`` seconds."""
+        """Whether some node answers within ``timeout`` seconds."""
         return await self.probe(timeout) is None
 
     async def probe(self, timeout: float) -> str | None:
-        """None when CouchDB answers ``GET /_up`` (``GET /`` where it has none) with 200; else why not."""
+        """None when some node answers ``GET /_up`` with 200; else why none does.
+
+        Every node is asked (at once), and what is learnt updates its up/down state.
+        """
+        asked = [Deferred.fromCoroutine(self._probe_node(node.server, timeout)) for node in self.nodes.nodes]
+        problems = await gatherResults(asked)
+        for node, problem in zip(self.nodes.nodes, problems, strict=True):
+            if problem is None:
+                self.nodes.answered(node)
+            else:
+                self.nodes.failed(node, problem)
+        if any(problem is None for problem in problems):
+            return None
+        return "; ".join(sorted(set(problems)))
+
+    async def _probe_node(self, server: CouchDBServer, timeout: float | None = None) -> str | None:
+        """None when ``server`` answers ``GET /_up`` (``GET /`` where it has none) with 200; else why not."""
+        path = self._health_path
         try:
-            for path in ("/_up", "/"):
-                d = Deferred.fromCoroutine(
-                    self._get(self._url(path), self._headers(accept=b"application/json"))
-                )
-                response = await self._with_timeout(d, "a health check", timeout)
+            while True:
+                headers = self._headers(server, accept=b"application/json")
+                asked = self._get(_url(server, path), headers)
+                response = await self._with_timeout(Deferred.fromCoroutine(asked), "a health check", timeout)
                 await self.discard(response)
-                if response.code != 404:
+                if response.code != 404 or path == "/":
                     break
+                path = self._health_path = "/"  # a server without /_up (PouchDB Server): ask / from now on
         except UpstreamError as exc:
             return exc.detail
         if response.code != 200:
@@ -240,8 +287,16 @@ class CouchDBClient:
             pass
 
     def close(self) -> Deferred:
-        """Close pooled connections (on service stop)."""
+        """Stop the node rechecks and close pooled connections (on service stop)."""
+        self.nodes.stop()
         return self.pool.closeCachedConnections()
+
+
+def _url(server: CouchDBServer, path: str, query: str = "") -> bytes:
+    url = server.base_url + path
+    if query:
+        url += "?" + query
+    return url.encode("ascii")
 
 
 def _status_error(code: int) -> UpstreamError:

@@ -10,8 +10,12 @@ database is gone: its entries are dropped and its feed stops until needed.
 
 A feed is *live* from the moment CouchDB's response headers arrive (the feed
 was asked for ``since=now``, so every later change will be delivered) until
-its connection is lost.  Each live period has its own epoch number; see
-``couchtoken.upstream.cache`` for how entries are tied to it.
+its connection is lost.  Its cached entries are used only while it has been
+heard (a change or a heartbeat) within the last 2.5 heartbeats, so a
+connection that goes silent without closing cannot keep a revoked token
+working for more than about 3 heartbeats, whatever the server does.  Each
+live period has its own epoch number; see ``couchtoken.upstream.cache`` for
+how entries are tied to it.
 """
 
 from __future__ import annotations
@@ -32,6 +36,9 @@ from twisted.python.failure import Failure
 from couchtoken.upstream.client import CouchDBClient, UpstreamError
 
 _log = Logger()
+
+# Entries of a feed silent for longer than this many heartbeats are not used.
+STALE_AFTER_HEARTBEATS = 2.5
 
 OnChange = Callable[[str, str], None]
 OnGap = Callable[[str], None]
@@ -86,6 +93,7 @@ class ChangesFeed(Service):
         self._on_gone = on_gone
         self._policy = policy or backoffPolicy(initialDelay=0.25, maxDelay=30.0, factor=2.0)
         self.live = False
+        self.heard_at = 0.0
         self.epoch = 0
         self.last_seq: Any = None
         self.reconnects = 0
@@ -165,8 +173,13 @@ class ChangesFeed(Service):
             )
             self._schedule_retry()
 
+    def fresh(self) -> bool:
+        """Live, and heard within the last 2.5 heartbeats: its entries may be trusted now."""
+        return self.live and self._clock.seconds() - self.heard_at <= STALE_AFTER_HEARTBEATS * self._heartbeat
+
     def heard(self) -> None:
         """Any bytes from the feed: a change or a heartbeat.  Restart the watchdog."""
+        self.heard_at = self._clock.seconds()
         if self._watchdog is not None and self._watchdog.active():
             self._watchdog.reset(self.watchdog_timeout)
         else:
@@ -261,7 +274,7 @@ class FeedManager(MultiService):
             feed = self._start(db)
         else:
             self._feeds.move_to_end(db)
-        return feed.epoch if feed.live else None
+        return feed.epoch if feed.fresh() else None
 
     def _start(self, db: str) -> ChangesFeed:
         while len(self._feeds) >= self._max_feeds:

@@ -30,6 +30,7 @@ LIVE_FIGURES = {
     "cache_evictions": ("counter", "Cached documents dropped by a change or a feed gap."),
     "revocations_applied": ("counter", "Changes from a feed that dropped a cached document."),
     "feed_reconnects": ("counter", "Times a _changes feed had to reconnect."),
+    "upstream_failovers": ("counter", "Times a CouchDB node stopped answering and requests moved on."),
     "blob_cache_hits": ("counter", "Attachment bodies answered from memory."),
     "blob_cache_misses": ("counter", "Small attachment bodies that had to come from CouchDB."),
     "blob_cache_bytes": ("gauge", "Bytes of attachment bodies held in memory."),

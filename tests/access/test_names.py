@@ -7,6 +7,8 @@ from urllib.parse import quote
 import pytest
 import pytest_twisted
 
+from couchtoken.upstream.client import DOCUMENT_QUERY
+
 TOKEN = "tok"
 
 
@@ -28,8 +30,8 @@ async def test_names_reach_the_right_attachment(service, admin, db, docid, attac
     admin.put_attachment(db, docid, attachment, data, "text/plain")
     reply = await service.get(service.url(db, docid, attachment, TOKEN))
     assert (reply.status, reply.body) == (200, data)
-    doc_targets = [t for t in service.couchdb_targets() if "?" not in t]
-    assert doc_targets == [f"GET /{quote(db, safe='')}/{quote(docid, safe='')}"]
+    doc_targets = [t for t in service.couchdb_targets() if DOCUMENT_QUERY in t]
+    assert doc_targets == [f"GET /{quote(db, safe='')}/{quote(docid, safe='')}?{DOCUMENT_QUERY}"]
 
 
 @pytest_twisted.ensureDeferred
@@ -62,7 +64,7 @@ async def test_database_names_with_every_allowed_character(service, admin):
         admin.put_attachment(db, "doc", "f.txt", b"odd db")
         reply = await service.get(service.url(db, "doc", "f.txt", TOKEN))
         assert (reply.status, reply.body) == (200, b"odd db")
-        assert f"GET /{quote(db, safe='')}/doc" in service.couchdb_targets()
+        assert f"GET /{quote(db, safe='')}/doc?{DOCUMENT_QUERY}" in service.couchdb_targets()
     finally:
         admin.delete_db(db)
 

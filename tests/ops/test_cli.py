@@ -26,8 +26,8 @@ def _parse(argv, environ):
 
 def test_defaults_without_environment():
     settings = _parse([], {})
-    assert settings.couchdb.base_url == "http://localhost:5984"
-    assert settings.couchdb.authorization is None
+    assert settings.couchdb.nodes[0].base_url == "http://localhost:5984"
+    assert settings.couchdb.nodes[0].authorization is None
     assert settings.token_field == ("download_token",)
 
 
@@ -46,11 +46,11 @@ def test_cache_options():
 def test_environment_then_options_win():
     env = {"COUCHDB_URL": "http://a:b@envhost:1234", "DOWNLOAD_TOKEN_KEY_NAME": "data.token"}
     settings = _parse([], env)
-    assert settings.couchdb.base_url == "http://envhost:1234"
+    assert settings.couchdb.nodes[0].base_url == "http://envhost:1234"
     assert settings.token_field == ("data", "token")
     settings = _parse(["--couchdb-url", "http://clihost:5984", "--token-field", "secret"], env)
-    assert settings.couchdb.base_url == "http://clihost:5984"
-    assert settings.couchdb.authorization is None
+    assert settings.couchdb.nodes[0].base_url == "http://clihost:5984"
+    assert settings.couchdb.nodes[0].authorization is None
     assert settings.token_field == ("secret",)
 
 

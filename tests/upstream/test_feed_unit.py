@@ -249,3 +249,27 @@ def test_no_feeds_means_no_live_epoch(max_feeds):
     manager.startService()
     assert manager.live_epoch("a") is None
     assert client.calls == 0
+
+
+def test_a_silent_feed_stops_vouching_for_its_entries_after_two_and_a_half_heartbeats():
+    feed, clock, client, events = make_feed(heartbeat=1.0)
+    response = client.answer()
+    assert feed.fresh()
+    clock.advance(2.4)
+    assert feed.fresh(), "heard 2.4 heartbeats ago: still trusted"
+    clock.advance(0.2)
+    assert feed.live and not feed.fresh(), "silent for 2.6 heartbeats: the connection is open but not trusted"
+    response.send(b"\n")  # a heartbeat
+    assert feed.fresh()
+
+
+def test_the_manager_gives_no_epoch_for_a_silent_feed():
+    clock, client = Clock(), FakeClient()
+    manager = FeedManager(client, clock, max_feeds=5, heartbeat=1.0)  # type: ignore[arg-type]
+    manager.startService()
+    assert manager.live_epoch("db") is None  # starts the feed
+    client.answer()
+    assert manager.live_epoch("db") == 1
+    clock.advance(2.6)
+    assert manager.live_epoch("db") is None
+    manager.stopService()

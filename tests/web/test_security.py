@@ -16,7 +16,7 @@ TOKEN = "tok"
 # attachments pinned to a revision, or a database's changes feed.  No database
 # or document name starts with "_".
 ALLOWED = re.compile(
-    r"GET /(?!_)[^/?]+/(?!_)[^/?]+(/[^?]+\?rev=[0-9]+-[0-9a-f]+)?\Z"
+    r"GET /(?!_)[^/?]+/(?!_)[^/?]+(/[^?]+\?rev=[0-9]+-[0-9a-f]+|\?att_encoding_info=true)\Z"
     r"|GET /(?!_)[^/?]+/_changes\?feed=continuous&heartbeat=[0-9]+&since=now\Z"
     r"|GET /_up\Z|GET /\Z"  # the health check (at start, and for /_health)
 )

@@ -190,7 +190,7 @@ class CouchDBRelease:
             env["ERL_EPMD_PORT"] = str(self.epmd_port)
         if self.cookie is not None:
             env["COUCHDB_COOKIE"] = self.cookie
-        argv = [str(self.start_script), str(self.datadir), str(self.port), self.admin, self.password]
+        argv = ["bash", str(self.start_script), str(self.datadir), str(self.port), self.admin, self.password]
         if self.node_name:
             argv.append(self.node_name)
         try:

@@ -1,9 +1,9 @@
 """Revocation latency and upstream requests per download (run by hand, not in CI).
 
-    .venv/bin/python benchmarks/revocation.py [--samples 200]
+    .venv/bin/python benchmarks/revocation.py [--samples 200] [--couchdb pouchdb|release|URL]
 
-Starts a PouchDB Server and two ``twist couchtoken`` processes (cached, and
-``--cache-size 0``), each behind a recording proxy.  For each sample it
+Starts the server (see ``benchmarks/servers.py``) and two ``twist couchtoken``
+processes (cached, and ``--cache-size 0``), each behind a recording proxy.  For each sample it
 writes a new token to CouchDB, then polls the old link until it answers 403:
 the time from CouchDB's acknowledgement to the first 403 is the revocation
 latency.  Then it counts the requests that reach CouchDB per download.
@@ -26,7 +26,8 @@ from twisted.internet.defer import ensureDeferred
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from couchtoken.dev.pouchdb import CouchAdmin, PouchDBServer  # noqa: E402
+from benchmarks.servers import add_server_options, couchdb_server, describe  # noqa: E402
+from couchtoken.dev.pouchdb import CouchAdmin  # noqa: E402
 from tests.faultproxy import FaultProxy  # noqa: E402
 from tests.twistproc import TwistProcess  # noqa: E402
 
@@ -66,11 +67,16 @@ async def upstream_per_download(proxy: FaultProxy, url: str, downloads: int = 10
     return (len(proxy.requests) - before) / downloads
 
 
-async def main(reactor, samples: int) -> None:
+async def main(reactor, samples: int, choice: str, start_script: str) -> None:
     work = Path(tempfile.mkdtemp(prefix="couchtoken-bench-"))
-    pouchdb = PouchDBServer(work / "pouchdb")
-    pouchdb.start()
-    admin = CouchAdmin(pouchdb.url)
+    with couchdb_server(choice, work, start_script) as url:
+        print(f"server: {describe(choice)}")
+        await measure(reactor, samples, CouchAdmin(url), work)
+
+
+async def measure(reactor, samples: int, admin: CouchAdmin, work: Path) -> None:
+    if admin.request("GET", f"/{DB}")[0] == 200:
+        admin.delete_db(DB)
     admin.create_db(DB)
     admin.put(DB, DOC, {"download_token": "t-0"})
     admin.put_attachment(DB, DOC, FILE, b"x" * 1024)
@@ -78,13 +84,13 @@ async def main(reactor, samples: int) -> None:
     try:
         urls, proxies = {}, {}
         for name, extra in (("cached", []), ("uncached", ["--cache-size", "0"])):
-            proxy = FaultProxy(reactor, "127.0.0.1", pouchdb.port)
+            proxy = FaultProxy(reactor, admin.host, admin.port)
             port = await proxy.start()
-            user, password = pouchdb.admin
+            user, password = admin.user or "", admin.password or ""
             service = TwistProcess(
                 work / f"{name}.log",
                 extra + ["--max-failures", "0"],
-                env={"COUCHDB_URL": f"http://{user}:{quote(password)}@127.0.0.1:{port}"},
+                env={"COUCHDB_URL": f"http://{quote(user)}:{quote(password)}@127.0.0.1:{port}"},
             )
             service.start()
             services.append(service)
@@ -98,7 +104,7 @@ async def main(reactor, samples: int) -> None:
             while True:
                 seen = len(proxies["cached"].requests)
                 assert await status(f"{cached}?token={token}") == 200
-                if len([t for t in proxies["cached"].targets()[seen:] if t.endswith(f"/{DOC}")]) == 0:
+                if not [t for t in proxies["cached"].targets()[seen:] if f"/{DOC}?att" in t]:
                     break
                 await task.deferLater(reactor, 0.05)
             old, token = token, f"t-{i + 1}"
@@ -121,7 +127,7 @@ async def main(reactor, samples: int) -> None:
     finally:
         for service in services:
             service.stop()
-        pouchdb.stop()
+        admin.delete_db(DB)
 
 
 if __name__ == "__main__":
@@ -129,5 +135,10 @@ if __name__ == "__main__":
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--samples", type=int, default=200)
+    add_server_options(parser)
     arguments = parser.parse_args()
-    task.react(lambda reactor: ensureDeferred(main(reactor, arguments.samples)))
+    task.react(
+        lambda reactor: ensureDeferred(
+            main(reactor, arguments.samples, arguments.couchdb, arguments.couchdb_start)
+        )
+    )

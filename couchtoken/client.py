@@ -18,7 +18,14 @@ from datetime import datetime
 from couchtoken.access.links import MIN_SIGNING_TOKEN_LENGTH, sign_url
 from couchtoken.access.names import AttachmentPath, attachment_path, encode_segment, parse_download_path
 
-__all__ = ["MIN_SIGNING_TOKEN_LENGTH", "auth_headers", "download_url", "new_token", "signed_url"]
+__all__ = [
+    "MIN_SIGNING_TOKEN_LENGTH",
+    "auth_headers",
+    "download_path",
+    "download_url",
+    "new_token",
+    "signed_url",
+]
 
 MAX_EXPIRES = 10**12 - 1  # the service reads at most 12 digits
 # What survives as a header value and the service's strip(): visible ASCII, inner spaces allowed.
@@ -42,19 +49,16 @@ def download_path(db: str, docid: str, attachment: str) -> str:
     return path
 
 
-def _query_value(value: str, what: str) -> str:
-    try:
-        return encode_segment(value)
-    except UnicodeEncodeError:
-        raise ValueError(f"the {what} is not valid Unicode (lone surrogate)") from None
-
-
-def _check_token(token: object) -> str:
+def _encoded_token(token: object) -> str:
+    """The token as a query value; refuses what no document could hold (not a str, empty, not Unicode)."""
     if not isinstance(token, str):
         raise TypeError("the token must be a str")
     if not token:
         raise ValueError("the token is empty")
-    return token
+    try:
+        return encode_segment(token)
+    except UnicodeEncodeError:
+        raise ValueError("the token is not valid Unicode (lone surrogate)") from None
 
 
 def download_url(
@@ -73,7 +77,7 @@ def download_url(
     path = download_path(db, docid, attachment)
     query = []
     if token is not None:
-        query.append("token=" + _query_value(_check_token(token), "token"))
+        query.append("token=" + _encoded_token(token))
     if download:
         query.append("download=1")
     return base_url.rstrip("/") + path + ("?" + "&".join(query) if query else "")
@@ -107,7 +111,7 @@ def signed_url(
     ``python -m couchtoken sign`` prints.
     """
     download_path(db, docid, attachment)
-    _query_value(_check_token(token), "token")
+    _encoded_token(token)
     if len(token) < MIN_SIGNING_TOKEN_LENGTH:
         raise ValueError(f"signing needs a token of at least {MIN_SIGNING_TOKEN_LENGTH} characters")
     url = sign_url(base_url, db, docid, attachment, token, _unix_seconds(expires_at))
@@ -125,6 +129,7 @@ def auth_headers(token: str) -> dict[str, str]:
     Refuses tokens a header cannot carry unchanged (non-ASCII, control characters, surrounding spaces):
     send those with ``download_url``.
     """
-    if not _HEADER_TOKEN.match(_check_token(token)):
+    _encoded_token(token)
+    if not _HEADER_TOKEN.match(token):
         raise ValueError("this token cannot travel in a header; put it in the URL with download_url")
     return {"Authorization": f"Bearer {token}"}

@@ -7,7 +7,8 @@ import os
 import sys
 import time
 
-from couchtoken.access.links import DEFAULT_MAX_LIFETIME, sign_url
+from couchtoken.access.links import DEFAULT_MAX_LIFETIME
+from couchtoken.client import signed_url
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,7 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 < args.expires_in <= DEFAULT_MAX_LIFETIME:
         parser.error(f"--expires-in must be between 1 and {DEFAULT_MAX_LIFETIME} seconds")
     expires = int(time.time()) + args.expires_in
-    print(sign_url(args.base_url, args.db, args.docid, args.attachment, token, expires))
+    try:
+        link = signed_url(args.base_url, args.db, args.docid, args.attachment, token, expires)
+    except ValueError as refused:  # names the service would refuse, a short token (never quoted)
+        parser.error(str(refused))
+    print(link)
     return 0
 
 

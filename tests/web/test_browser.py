@@ -1,9 +1,11 @@
 """A real browser (headless Chromium) uses the links from a page on another origin.
 
-The page shows an <img> from a token link, fetch()es with Range and reads the
-exposed Content-Range and ETag, plays and seeks an <audio> WAV (the browser's
-own Range requests), opens a signed link, and loads a sandboxed SVG whose
-script must not run.  It writes its findings into the DOM; the test reads
+The page builds every link with the JavaScript client (clients/js/couchtoken.js,
+loaded with <script type="module">).  It shows an <img> from a token link (one
+with awkward names too), fetch()es with Range and the token in a header and reads
+the exposed Content-Range and ETag, plays and seeks an <audio> WAV (the
+browser's own Range requests), fetch()es a signed link made with Web Crypto,
+and loads a sandboxed SVG whose script must not run.  It writes its findings into the DOM; the test reads
 them with ``--dump-dom``.  Skipped where no Chromium is installed (.ci/run
 installs Debian's ``chromium``, and under CI a missing Chromium fails).
 """
@@ -18,7 +20,6 @@ import re
 import shutil
 import struct
 import subprocess
-import time
 import wave
 import zlib
 
@@ -29,9 +30,12 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 from twisted.web.static import Data
 
-from couchtoken.access.links import sign_url
+from couchtoken.dev.pouchdb import ROOT
 
-TOKEN = "browser-token"
+TOKEN = "browser-token-0123456789"
+# A slash in the doc id and in the attachment name, "+", space, é, "?", "#".
+AWKWARD = {"doc": "user/42 é", "attachment": "photos/2024/a+b c é?#.png"}
+JS_CLIENT = ROOT / "clients" / "js" / "couchtoken.js"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 SCRIPTED_SVG = (
     b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10">'
@@ -69,32 +73,50 @@ def wav_tone(seconds: float = 3.0, rate: int = 22050) -> bytes:
 
 
 PAGE = """<!doctype html><html><body>
-<img id="img"><audio id="audio" preload="auto"></audio>
+<img id="img"><img id="awkward"><audio id="audio" preload="auto"></audio>
 <iframe id="svg"></iframe><iframe id="control"></iframe>
 <pre id="results">pending</pre>
 <script>
 const found = {};
-const links = %(links)s;
 function report() { document.getElementById("results").textContent = JSON.stringify(found); }
+window.addEventListener("error", (e) => { found.error = String(e.message); report(); });
 window.addEventListener("message", (e) => { found[e.data + "-from-" + e.source.frameElement?.id] = true; });
-const img = document.getElementById("img");
-img.onload = () => { found.img = img.naturalWidth; report(); };
-img.onerror = () => { found.img = "error"; report(); };
-img.src = links.img;
-fetch(links.range, {headers: {Range: "bytes=0-9"}}).then(async (r) => {
+setTimeout(() => { found.done = true; report(); }, 3000);
+</script>
+<script type="module">
+import { downloadUrl, headerInit, signedUrl } from "/couchtoken.js";
+const { base, db, doc, token, awkward } = __CONFIG__;
+found.module = true;
+function show(id, url) {
+  const img = document.getElementById(id);
+  img.onload = () => { found[id] = img.naturalWidth; report(); };
+  img.onerror = () => { found[id] = "error"; report(); };
+  img.src = url;
+}
+show("img", downloadUrl(base, db, doc, "pixel.png", token));
+show("awkward", downloadUrl(base, db, awkward.doc, awkward.attachment, token));
+const range = {headers: {...headerInit(token).headers, Range: "bytes=0-9"}};
+fetch(downloadUrl(base, db, doc, "note.txt"), range).then(async (r) => {
   found.range = {status: r.status, contentRange: r.headers.get("Content-Range"),
                  etag: r.headers.get("ETag"), length: (await r.arrayBuffer()).byteLength};
   report();
 }).catch((e) => { found.range = String(e); report(); });
-fetch(links.signed).then(async (r) => { found.signed = {status: r.status, body: await r.text()}; report(); });
+const expires = Math.floor(Date.now() / 1000) + 300;
+signedUrl(base, db, awkward.doc, awkward.attachment, token, expires)
+  .then((url) => { found.signedLink = url; return fetch(url); })
+  .then(async (r) => {
+    found.signed = {status: r.status, length: (await r.arrayBuffer()).byteLength};
+    report();
+  })
+  .catch((e) => { found.signed = String(e); report(); });
 const audio = document.getElementById("audio");
 audio.onloadedmetadata = () => { found.duration = audio.duration; audio.currentTime = audio.duration / 2; };
 audio.onseeked = () => { found.seeked = audio.currentTime; report(); };
 audio.onerror = () => { found.audio = "error " + (audio.error && audio.error.code); report(); };
-audio.src = links.audio;
-document.getElementById("svg").src = links.svg;
+audio.src = downloadUrl(base, db, doc, "tone.wav", token);
+document.getElementById("svg").src = downloadUrl(base, db, doc, "drawing.svg", token);
 document.getElementById("control").src = "/control.svg";
-setTimeout(() => { found.done = true; report(); }, 3000);
+report();
 </script></body></html>"""
 
 
@@ -105,6 +127,8 @@ def media(admin, db):
     admin.put_attachment(db, "doc", "tone.wav", wav_tone(), "audio/wav")
     admin.put_attachment(db, "doc", "note.txt", b"0123456789abcdef", "text/plain")
     admin.put_attachment(db, "doc", "drawing.svg", SCRIPTED_SVG, "image/svg+xml")
+    admin.put(db, AWKWARD["doc"], {"download_token": TOKEN})
+    admin.put_attachment(db, AWKWARD["doc"], AWKWARD["attachment"], png_1x1(), "image/png")
     return "doc"
 
 
@@ -114,15 +138,10 @@ async def test_a_browser_on_another_origin_uses_the_links(service, db, media, tm
         if os.environ.get("CI"):
             pytest.fail("Chromium is missing: .ci/run installs Debian's chromium")
         pytest.skip("Chromium is not installed (apt-get install chromium)")
-    links = {
-        "img": service.url(db, media, "pixel.png", TOKEN),
-        "range": service.url(db, media, "note.txt", TOKEN),
-        "audio": service.url(db, media, "tone.wav", TOKEN),
-        "signed": sign_url(service.base_url, db, media, "note.txt", TOKEN, int(time.time()) + 300),
-        "svg": service.url(db, media, "drawing.svg", TOKEN),
-    }
+    config = {"base": service.base_url, "db": db, "doc": media, "token": TOKEN, "awkward": AWKWARD}
     root = Resource()
-    root.putChild(b"", Data((PAGE % {"links": json.dumps(links)}).encode(), "text/html"))
+    root.putChild(b"", Data(PAGE.replace("__CONFIG__", json.dumps(config)).encode(), "text/html"))
+    root.putChild(b"couchtoken.js", Data(JS_CLIENT.read_bytes(), "text/javascript"))
     root.putChild(b"control.svg", Data(SCRIPTED_SVG, "image/svg+xml"))
     page = reactor.listenTCP(0, Site(root), interface="127.0.0.1")
     try:
@@ -151,7 +170,9 @@ async def test_a_browser_on_another_origin_uses_the_links(service, db, media, tm
     assert match, result.stdout[-2000:] + result.stderr[-2000:]
     found = json.loads(match.group(1).replace("&quot;", '"').replace("&amp;", "&"))
     print("\n[browser]", json.dumps(found, sort_keys=True))
+    assert found.get("module") and "error" not in found, found  # the module loaded and ran
     assert found["img"] == 1, found
+    assert found["awkward"] == 1, found
     assert found["range"] == {
         "status": 206,
         "contentRange": "bytes 0-9/16",
@@ -159,7 +180,8 @@ async def test_a_browser_on_another_origin_uses_the_links(service, db, media, tm
         "length": 10,
     }, found
     assert found["range"]["etag"], found
-    assert found["signed"] == {"status": 200, "body": "0123456789abcdef"}, found
+    assert found["signed"] == {"status": 200, "length": len(png_1x1())}, found
+    assert "expires=" in found["signedLink"] and TOKEN not in found["signedLink"], found
     assert found.get("seeked", 0) > 0.5, found
     assert found.get("svg-script-ran-from-control"), found  # scripts are detected...
     assert not found.get("svg-script-ran-from-svg"), found  # ...and the sandboxed one did not run

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -70,8 +71,6 @@ def test_bad_options_are_usage_errors(argv):
 
 
 def _twist(*args: str) -> subprocess.CompletedProcess[str]:
-    import os
-
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run(
         [sys.executable, "-m", "twisted", *args],
@@ -182,3 +181,31 @@ def test_stopping_logs_no_warning(couch_server, admin, db, tmp_path):
     assert "couchtoken starting" in log
     assert "CancelledError" not in log
     assert "#warn]" not in log and "#error]" not in log and "#critical]" not in log, log[-3000:]
+
+
+def test_the_readme_way_to_run_it_logs_readable_lines_off_a_terminal(couch_server, tmp_path):
+    """``twist`` writes JSON events when its output is no terminal, unless told --log-format=text."""
+    readme = (ROOT / "README.rst").read_text()
+    documented = next(line.split() for line in readme.splitlines() if line.strip().startswith("twist "))
+    assert documented[:3] == ["twist", "--log-format=text", "couchtoken"], documented
+    port = free_port()
+    argv = [sys.executable, "-m", "twisted", *documented[1:-1], f"tcp:{port}:interface=127.0.0.1"]
+    log = tmp_path / "out.log"
+    with open(log, "wb") as out:  # a file, as under a supervisor
+        process = subprocess.Popen(
+            argv,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT), "COUCHDB_URL": couch_server.url},
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while "couchtoken starting" not in log.read_text() and time.monotonic() < deadline:
+                time.sleep(0.1)
+        finally:
+            process.terminate()
+            process.wait(30)
+    lines = [line for line in log.read_text().splitlines() if line.strip()]
+    assert any("couchtoken starting" in line for line in lines)
+    assert not any(line.lstrip().startswith("{") for line in lines), lines[:5]

@@ -1,8 +1,10 @@
 """couchtoken against CouchDB itself and against its own uncached path (run by hand, not in CI).
 
     .venv/bin/python benchmarks/run.py [--seconds 5] [--rounds 2] [--memory-mib 256]
+        [--couchdb pouchdb|release|URL]
 
-Needs ``wrk`` (Debian package ``wrk``).  Starts a PouchDB Server and two
+Needs ``wrk`` (Debian package ``wrk``).  Starts the server (PouchDB Server by
+default, a real CouchDB 3.5 with ``--couchdb release``: ``benchmarks/servers.py``) and two
 ``twist couchtoken`` processes, seeds a 1 KiB and an 8 MiB attachment, and
 measures three targets in one run, alternating them (A B C A B C) so machine
 drift cancels out:
@@ -37,7 +39,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from couchtoken.dev.pouchdb import CouchAdmin, PouchDBServer  # noqa: E402
+from benchmarks.servers import add_server_options, couchdb_server, describe  # noqa: E402
+from couchtoken.dev.pouchdb import CouchAdmin  # noqa: E402
 from tests.twistproc import TwistProcess, rss_bytes  # noqa: E402
 
 DB, DOC, TOKEN = "bench", "doc", "bench-token"
@@ -99,16 +102,25 @@ def main() -> None:
         help="attachment size for the memory case (0 skips it); PouchDB Server 4.2 fails above ~100 MiB",
     )
     parser.add_argument("--cases", default="", help="comma-separated case prefixes to run (default: all)")
+    add_server_options(parser)
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is missing: apt-get install wrk")
 
     work = Path(tempfile.mkdtemp(prefix="couchtoken-bench-"))
-    pouchdb = PouchDBServer(work / "pouchdb")
-    pouchdb.start()
+    try:
+        with couchdb_server(args.couchdb, work, args.couchdb_start) as url:
+            print(f"server: {describe(args.couchdb)}")
+            run(args, CouchAdmin(url), url, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run(args: argparse.Namespace, admin: CouchAdmin, url: str, work: Path) -> None:
     services: list[TwistProcess] = []
     try:
-        admin = CouchAdmin(pouchdb.url)
+        if admin.request("GET", f"/{DB}")[0] == 200:
+            admin.delete_db(DB)
         admin.create_db(DB)
         admin.put(DB, DOC, {"download_token": TOKEN})
         admin.put_attachment(DB, DOC, SMALL, os.urandom(1024))
@@ -116,7 +128,7 @@ def main() -> None:
         digest = admin.get(DB, DOC)["_attachments"][SMALL]["digest"]
         etag = f'"{digest.removeprefix("md5-")}"'
 
-        env = {"COUCHDB_URL": pouchdb.url}
+        env = {"COUCHDB_URL": url}
         for name, extra in (
             ("couchtoken", []),
             ("uncached", ["--cache-size", "0", "--blob-cache-bytes", "0"]),
@@ -127,11 +139,11 @@ def main() -> None:
             service.start()
             services.append(service)
         cached, uncached = services
-        user, password = pouchdb.admin
+        user, password = admin.user or "", admin.password or ""
         auth = "Authorization: Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
         bad_auth = "Authorization: Basic " + base64.b64encode(f"{user}:wrong".encode()).decode()
         base = {
-            "direct": f"http://127.0.0.1:{pouchdb.port}/{DB}/{DOC}/",
+            "direct": f"{admin.base_url}/{DB}/{DOC}/",
             "couchtoken": f"{cached.base_url}/{DB}/{DOC}/",
             "uncached": f"{uncached.base_url}/{DB}/{DOC}/",
         }
@@ -237,8 +249,7 @@ def main() -> None:
     finally:
         for service in services:
             service.stop()
-        pouchdb.stop()
-        shutil.rmtree(work, ignore_errors=True)
+        admin.delete_db(DB)
 
 
 if __name__ == "__main__":

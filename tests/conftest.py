@@ -23,11 +23,13 @@ from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.logger import globalLogPublisher
 
 from couchtoken.dev.pouchdb import CouchAdmin, PouchDBServer
+from couchtoken.ops.lifecycle import CouchDBClientService
 from couchtoken.ops.services import Couchtoken, build
 from couchtoken.ops.settings import Settings
 from couchtoken.upstream.server import CouchDBServer
 from tests.faultproxy import FaultProxy
 from tests.http import fetch, service_url
+from tests.waiting import wait_until
 
 COUCHDB_ENV = "COUCHTOKEN_TEST_COUCHDB_URL"
 
@@ -113,6 +115,12 @@ class ServiceStarter:
         settings = Settings(couchdb=CouchDBServer.from_url(couchdb_url), **options)
         app = build(settings, global_reactor)
         app.service.startService()
+        if proxy is not None:
+            # The service asks CouchDB whether it answers at start, in the background: let that
+            # finish, so that the test sees (and faults hit) only what its own requests cause.
+            check = next(s for s in app.service if isinstance(s, CouchDBClientService))
+            assert await wait_until(lambda: check._checking is None, timeout=10)
+            proxy.requests.clear()
         endpoint = TCP4ServerEndpoint(global_reactor, 0, backlog=1024, interface="127.0.0.1")
         port = await endpoint.listen(app.site)
         service = RunningService(

@@ -15,6 +15,7 @@ from twisted.application.service import MultiService
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
+from couchtoken.access.mediatypes import parse_type_option
 from couchtoken.ops.lifecycle import ExitCleanlyOnSigterm, ListeningPort
 from couchtoken.ops.services import build
 from couchtoken.ops.settings import DEFAULT_TOKEN_FIELD, Settings, parse_token_field
@@ -67,6 +68,16 @@ def _list(option: str, value: str) -> tuple[str, ...]:
     items = tuple(item.strip() for item in value.split(","))
     if not all(items):
         raise usage.UsageError(f"--{option} takes a comma-separated list with no empty items: {value!r}")
+    return items
+
+
+def _media_types(option: str, value: str) -> tuple[str, ...]:
+    items = _list(option, value)
+    for item in items:
+        try:
+            parse_type_option(item)
+        except ValueError as exc:
+            raise usage.UsageError(f"--{option}: {exc}") from None
     return items
 
 
@@ -219,14 +230,16 @@ class Options(usage.Options):
             "sandbox-types",
             None,
             "",
-            "Comma-separated media types served with Content-Security-Policy: sandbox, besides "
-            "HTML, XHTML, SVG and XML.",
+            "Comma-separated media types (type/subtype or type/*) served with "
+            "Content-Security-Policy: sandbox although passive (images, audio, video, PDF, plain "
+            "text, CSV); every other type always is.",
         ],
         [
             "force-download-types",
             None,
             "",
-            "Comma-separated media types always served as Content-Disposition: attachment.",
+            "Comma-separated media types (type/subtype or type/*) always served as "
+            "Content-Disposition: attachment.",
         ],
         [
             "max-link-lifetime",
@@ -304,8 +317,8 @@ class Options(usage.Options):
                 metrics_port=self["metrics-port"],
                 blob_cache_bytes=self["blob-cache-bytes"],
                 blob_cache_max_item=self["blob-cache-max-item"],
-                sandbox_types=_list("sandbox-types", self["sandbox-types"]),
-                force_download_types=_list("force-download-types", self["force-download-types"]),
+                sandbox_types=_media_types("sandbox-types", self["sandbox-types"]),
+                force_download_types=_media_types("force-download-types", self["force-download-types"]),
                 databases=_list("databases", self["databases"]),
                 max_link_lifetime=self["max-link-lifetime"],
                 max_failures=self["max-failures"],

@@ -12,6 +12,7 @@ from twisted.web.http_headers import Headers
 from couchtoken.access.attachments import AttachmentInfo
 from couchtoken.access.documents import DocumentSummary
 from couchtoken.access.links import sign_url, signature, signature_matches
+from couchtoken.access.mediatypes import TypeSet, essence, is_passive, parse_type_option
 from couchtoken.access.names import (
     MAX_NAME_BYTES,
     AttachmentPath,
@@ -177,11 +178,81 @@ def test_attachment_metadata_is_sanitised():
     stub = {"content_type": "text/html\r\nSet-Cookie: x", "length": -1, "digest": 'md5-"x"'}
     info = AttachmentInfo.from_stub(stub)
     assert info.content_type == b"application/octet-stream"
+    for garbage in ("text/plain,text/html", "text/plain; x=é", 5, "", None):
+        assert AttachmentInfo.from_stub({"content_type": garbage}).content_type == b"application/octet-stream"
+    assert AttachmentInfo.from_stub({}).content_type == b"application/octet-stream"
+    spaced = AttachmentInfo.from_stub({"content_type": " TEXT/HTML; charset=utf-8 "})
+    assert spaced.content_type == b"TEXT/HTML; charset=utf-8"
     assert info.length is None
     assert info.etag is None
     assert AttachmentInfo.from_stub({"length": True}).length is None
     assert AttachmentInfo.from_stub({"digest": "sha-xyz"}).etag == '"sha-xyz"'
     assert AttachmentInfo.from_stub({"encoding": "gzip", "encoded_length": 3}).encoded_length == 3
+
+
+@pytest.mark.parametrize(
+    "raw,kind",
+    [
+        (b"text/plain", "text/plain"),
+        (b"Text/HTML", "text/html"),
+        (b"  image/png\t", "image/png"),
+        (b"text/plain; charset=utf-8", "text/plain"),
+        (b"text/plain;charset=utf-8;format=flowed", "text/plain"),
+        (b"text/plain \t; \tcharset=utf-8", "text/plain"),
+        (b"text/plain;", "text/plain"),
+        (b"text/plain; ;x=y", "text/plain"),
+        (b'text/plain; name="a b;c\\"d"', "text/plain"),
+        (b'text/plain; name=""', "text/plain"),
+        (b"application/vnd.a+b-c_d.e!#$%&'*^`|~1", "application/vnd.a+b-c_d.e!#$%&'*^`|~1"),
+        (b"text/plain,text/html", None),
+        (b"text/plain, text/html", None),
+        (b'text/plain; name="a,text/html"', None),
+        (b"text/plain;charset=utf-8,text/html", None),
+        (b"text/plain text/html", None),
+        (b"text/plain;text/html", None),
+        (b"text/plain; charset", None),
+        (b"text/plain; charset=", None),
+        (b"text/plain; charset=a b", None),
+        (b"text/plain; =utf-8", None),
+        (b'text/plain; name="unterminated', None),
+        (b'text/plain; name="a"b', None),
+        (b"text/plain; name=\xc3\xa9", None),
+        (b"text/pl\xc3\xa4in", None),
+        (b"text/html\r\nSet-Cookie: x", None),
+        (b"text/html\x00", None),
+        (b"text", None),
+        (b"text/", None),
+        (b"/html", None),
+        (b"text/html/x", None),
+        (b"text /html", None),
+        (b"text/(html)", None),
+        (b"", None),
+        (b";", None),
+    ],
+)
+def test_strict_media_types(raw, kind):
+    assert essence(raw) == kind
+
+
+def test_passive_types_and_type_options():
+    for kind in ("image/png", "image/jpeg", "image/gif", "image/webp", "image/avif", "image/bmp"):
+        assert is_passive(kind), kind
+    for kind in ("image/x-icon", "image/vnd.microsoft.icon", "application/pdf", "text/plain", "text/csv"):
+        assert is_passive(kind), kind
+    for kind in ("audio/wav", "audio/mpeg", "video/mp4", "video/webm"):
+        assert is_passive(kind), kind
+    for kind in ("text/html", "text/xsl", "image/svg+xml", "application/json", "text/xml", "xaudio/wav"):
+        assert not is_passive(kind), kind
+    assert not is_passive("application/octet-stream") and not is_passive("audiox/y")
+    types = TypeSet([" Text/Plain ", "video/*"])
+    assert "text/plain" in types and "video/mp4" in types and "video/*" in types
+    assert "text/csv" not in types and "audio/mp4" not in types and "image/png" not in TypeSet()
+    assert parse_type_option(" Image/PNG ") == "image/png"
+    assert parse_type_option("a/*") == "a/*"
+    for bad in ("text/plain; charset=utf-8", "text", "*/*", "*/plain", "text/plain,text/html", "a b/c"):
+        with pytest.raises(ValueError) as refused:
+            parse_type_option(bad)
+        assert str(refused.value) == f"{bad!r} is not a media type (type/subtype)"
 
 
 @pytest.mark.parametrize(

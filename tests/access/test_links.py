@@ -105,23 +105,60 @@ async def test_unicode_quotes_spaces_and_semicolons_in_the_filename(service, db,
 
 @pytest_twisted.ensureDeferred
 @pytest.mark.parametrize(
-    "name,sandboxed", [("page.html", True), ("logo.svg", True), ("note.txt", False), ("report.pdf", False)]
+    "content_type,served,sandboxed,kind",
+    [
+        ("text/html; charset=utf-8", "text/html; charset=utf-8", True, "inline"),
+        ("image/svg+xml", "image/svg+xml", True, "inline"),
+        ("text/plain", "text/plain", False, "inline"),
+        ("application/pdf", "application/pdf", False, "inline"),
+        ("image/png", "image/png", False, "inline"),
+        ("audio/wav", "audio/wav", False, "inline"),
+        ("video/mp4", "video/mp4", False, "inline"),
+        ("text/csv; header=present", "text/csv; header=present", False, "inline"),
+        # Not on the passive list: sandboxed, whatever the type.
+        ("text/xsl", "text/xsl", True, "inline"),
+        ("TEXT/HTML", "TEXT/HTML", True, "inline"),
+        ("application/json", "application/json", True, "inline"),
+        ("text/markdown", "text/markdown", True, "inline"),
+        ("application/x-unheard-of", "application/x-unheard-of", True, "inline"),
+        # Not one well-formed media type: an opaque download.
+        ("text/plain,text/html", "application/octet-stream", True, "attachment"),
+        ("image/png, text/html", "application/octet-stream", True, "attachment"),
+        ('text/plain; a="x,text/html"', "application/octet-stream", True, "attachment"),
+        ("text/plain; charset", "application/octet-stream", True, "attachment"),
+        ("text/plain text/html", "application/octet-stream", True, "attachment"),
+        ("text", "application/octet-stream", True, "attachment"),
+        ("application/octet-stream", "application/octet-stream", True, "attachment"),
+    ],
 )
-async def test_active_content_is_sandboxed(service, db, files, name, sandboxed):
+async def test_only_passive_types_escape_the_sandbox(
+    service, admin, db, content_type, served, sandboxed, kind
+):
+    admin.put(db, "doc", {"download_token": TOKEN})
+    admin.put_attachment(db, "doc", "file", b"<script>alert(1)</script>", content_type)
     for method in ("GET", "HEAD"):
-        reply = await fetch(service.url(db, files, name, TOKEN), method)
+        reply = await fetch(service.url(db, "doc", "file", TOKEN), method)
         assert reply.status == 200
+        assert reply.header("content-type") == served
         assert (reply.header("content-security-policy") == "sandbox") is sandboxed
+        assert reply.header("content-disposition").startswith(kind + ";")
         assert reply.header("x-content-type-options") == "nosniff"
 
 
 @pytest_twisted.ensureDeferred
 async def test_sandbox_and_forced_download_types_are_configurable(start_service, db, files):
-    service = await start_service(sandbox_types=("text/markdown",), force_download_types=("application/pdf",))
-    markdown = await fetch(service.url(db, files, "notes.md", TOKEN))
-    assert markdown.header("content-security-policy") == "sandbox"
+    service = await start_service(sandbox_types=("application/pdf",), force_download_types=("text/*",))
     pdf = await fetch(service.url(db, files, "report.pdf", TOKEN))
-    assert pdf.header("content-disposition").startswith("attachment;")
+    assert pdf.header("content-security-policy") == "sandbox"
+    assert pdf.header("content-disposition").startswith("inline;")
+    for name in ("note.txt", "page.html"):
+        text = await fetch(service.url(db, files, name, TOKEN))
+        assert text.header("content-disposition").startswith("attachment;")
+    assert (
+        (await fetch(service.url(db, files, "logo.svg", TOKEN)))
+        .header("content-disposition")
+        .startswith("inline;")
+    )
 
 
 @pytest_twisted.ensureDeferred

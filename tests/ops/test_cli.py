@@ -137,6 +137,9 @@ def test_twist_couchtoken_serves_downloads(couch_server, admin, db, tmp_path):
         (["--max-downloads", "0"], "must be 1 or more"),
         (["--databases", ","], "--databases takes a comma-separated list with no empty items"),
         (["--sandbox-types", "text/x-a,,"], "--sandbox-types takes a comma-separated list"),
+        (["--sandbox-types", "text/x-a;q=1"], "--sandbox-types: 'text/x-a;q=1' is not a media type"),
+        (["--force-download-types", "text/html,html"], "--force-download-types: 'html' is not a media type"),
+        (["--force-download-types", "*/*"], "--force-download-types: '*/*' is not a media type"),
         (["--connect-timeout", "0"], "must be a positive number"),
     ],
 )

@@ -96,7 +96,12 @@ def build(settings: Settings, reactor: Any) -> Couchtoken:
         operator_pages=ops.public_pages(with_metrics=settings.metrics_port is None),
         databases=settings.databases,
         max_link_lifetime=settings.max_link_lifetime,
-        throttle=GuessThrottle(reactor, settings.max_failures, trusted_proxies=settings.trusted_proxies),
+        throttle=GuessThrottle(
+            reactor,
+            settings.max_failures,
+            max_client_failures=settings.max_client_failures,
+            trusted_proxies=settings.trusted_proxies,
+        ),
     )
     site = DownloadSite(
         app.resource(), metrics=metrics, log_format=settings.access_log_format, reactor=reactor

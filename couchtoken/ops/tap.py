@@ -16,6 +16,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
 from couchtoken.access.mediatypes import parse_type_option
+from couchtoken.access.throttle import UNIX_PEERS
 from couchtoken.ops.lifecycle import ExitCleanlyOnSigterm, ListeningPort
 from couchtoken.ops.services import build
 from couchtoken.ops.settings import DEFAULT_TOKEN_FIELD, Settings, parse_token_field
@@ -84,10 +85,14 @@ def _media_types(option: str, value: str) -> tuple[str, ...]:
 def _networks(option: str, value: str) -> tuple[str, ...]:
     items = _list(option, value)
     for item in items:
+        if item == UNIX_PEERS:
+            continue
         try:
             ipaddress.ip_network(item, strict=False)
         except ValueError:
-            raise usage.UsageError(f"--{option}: {item!r} is not an IP address or network") from None
+            raise usage.UsageError(
+                f"--{option}: {item!r} is not an IP address or network, or {UNIX_PEERS}"
+            ) from None
     return items
 
 
@@ -252,7 +257,16 @@ class Options(usage.Options):
             "max-failures",
             None,
             30,
-            "Failed token checks a client address may make per minute; past it, 429 (0: no limit).",
+            "Failed token checks a client may make on one document per minute; past it, 429 for "
+            "that document (0: no guess throttling at all).",
+            _count,
+        ],
+        [
+            "max-client-failures",
+            None,
+            300,
+            "Failed token checks a client may make per minute across all documents; past it, 429 "
+            "for everything (0: no such ceiling).",
             _count,
         ],
         [
@@ -260,7 +274,7 @@ class Options(usage.Options):
             None,
             "",
             "Comma-separated addresses or networks of reverse proxies whose X-Forwarded-For "
-            "names the client.",
+            "names the client; 'unix' trusts every connection on a unix: port.",
         ],
         [
             "metrics-port",
@@ -322,6 +336,7 @@ class Options(usage.Options):
                 databases=_list("databases", self["databases"]),
                 max_link_lifetime=self["max-link-lifetime"],
                 max_failures=self["max-failures"],
+                max_client_failures=self["max-client-failures"],
                 trusted_proxies=_networks("trusted-proxies", self["trusted-proxies"]),
             )
         except ConfigError as exc:

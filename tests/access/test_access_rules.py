@@ -6,6 +6,7 @@ Fast unit tests (no server) so that mutation testing can run them for every muta
 from __future__ import annotations
 
 import pytest
+from twisted.internet.address import UNIXAddress
 from twisted.internet.task import Clock
 from twisted.web.http_headers import Headers
 
@@ -22,7 +23,7 @@ from couchtoken.access.names import (
     encode_segment,
     parse_download_path,
 )
-from couchtoken.access.throttle import GuessThrottle
+from couchtoken.access.throttle import GuessThrottle, Throttled
 from couchtoken.access.tokens import document_tokens, token_matches
 
 
@@ -299,39 +300,123 @@ def test_signed_link_checks():
 
 
 class _Request:
-    def __init__(self, peer: str, forwarded: str | None = None) -> None:
-        self._peer = peer
+    def __init__(self, peer: str | None, forwarded: str | None = None, address: object = None) -> None:
+        self._address = address or type("Address", (), {"host": peer})()
         self.requestHeaders = Headers({b"x-forwarded-for": [forwarded.encode()]} if forwarded else {})
 
     def getClientAddress(self):
-        return type("Address", (), {"host": self._peer})()
+        return self._address
 
 
-def test_the_window_ends_on_the_clock():
+def _throttled(throttle: GuessThrottle, client: str, document: tuple[str, str]) -> int | None:
+    """The Retry-After a new check would get, or None (the check then counts as passed)."""
+    try:
+        throttle.start(client, document).passed()
+    except Throttled as throttled:
+        assert str(throttled) == f"retry after {throttled.retry_after}s"
+        return throttled.retry_after
+    return None
+
+
+def test_failures_count_per_client_and_document_in_windows_on_the_clock():
     clock = Clock()
     throttle = GuessThrottle(clock, 2, window=60)
-    throttle.failed("a")
+    doc = ("db", "x")
+    throttle.start("a", doc).failed()
     clock.advance(10)
-    throttle.failed("a")
-    assert throttle.retry_after("a") == 50
-    assert throttle.retry_after("b") is None
+    throttle.start("a", doc).failed()
+    assert _throttled(throttle, "a", doc) == 50
+    # Another document, another database, another client: a budget of their own.
+    for client, other in (("a", ("db", "y")), ("a", ("db2", "x")), ("a", ("dbx", "")), ("b", doc)):
+        assert _throttled(throttle, client, other) is None
+        throttle.start(client, other).failed()
+        throttle.start(client, other).failed()
+        assert _throttled(throttle, client, other) == 60  # its window started at 10 s
     clock.advance(50.5)
-    assert throttle.retry_after("a") is None
-    throttle.failed("a")
-    assert throttle.retry_after("a") is None
+    assert _throttled(throttle, "a", doc) is None
+    throttle.start("a", doc).failed()
+    assert _throttled(throttle, "a", doc) is None
+    throttle.start("a", doc).failed()
+    assert _throttled(throttle, "a", doc) == 60
 
 
-def test_zero_turns_throttling_off_and_proxies_are_resolved():
+def test_checks_under_way_count_until_they_pass():
     clock = Clock()
-    off = GuessThrottle(clock, 0)
+    throttle = GuessThrottle(clock, 2)
+    doc = ("db", "x")
+    for _ in range(10):
+        throttle.start("a", doc).passed()  # checks that pass use up nothing
+    first, second = throttle.start("a", doc), throttle.start("a", doc)
+    assert _throttled(throttle, "a", doc) == 60  # a burst cannot slip past the budget
+    first.passed()
+    first.passed()  # only the first call gives the slot back
+    third = throttle.start("a", doc)
+    assert _throttled(throttle, "a", doc) == 60
+    second.failed()
+    second.passed()  # a failure stays counted
+    assert _throttled(throttle, "a", doc) == 60
+    third.passed()
+    assert _throttled(throttle, "a", doc) is None
+
+
+def test_a_looser_ceiling_per_client_across_documents():
+    clock = Clock()
+    throttle = GuessThrottle(clock, 1, max_client_failures=2, window=60)
+    throttle.start("a", ("db", "d1")).failed()
+    clock.advance(30)
+    throttle.start("a", ("db", "d2")).failed()
+    clock.advance(1)
+    assert _throttled(throttle, "a", ("db", "d2")) == 59  # both over: the later window decides
+    assert _throttled(throttle, "a", ("db", "d3")) == 29  # the ceiling, for every document
+    assert _throttled(throttle, "b", ("db", "d3")) is None
+    under_way = throttle.start("b", ("db", "d4"))
+    throttle.start("b", ("db", "d5")).failed()
+    assert _throttled(throttle, "b", ("db", "d6")) == 60
+    under_way.passed()
+    assert _throttled(throttle, "b", ("db", "d6")) is None
+
+
+def test_zero_turns_limits_off():
+    clock = Clock()
+    off = GuessThrottle(clock, 0, max_client_failures=1)
     for _ in range(100):
-        off.failed("a")
-    assert off.retry_after("a") is None
-    behind = GuessThrottle(clock, 1, trusted_proxies=["10.0.0.0/8", "127.0.0.1"])
+        off.start("a", ("db", "x")).failed()
+    assert _throttled(off, "a", ("db", "x")) is None
+    no_ceiling = GuessThrottle(clock, 1)
+    for i in range(100):
+        no_ceiling.start("a", ("db", f"d{i}")).failed()
+    assert _throttled(no_ceiling, "a", ("db", "fresh")) is None
+    assert _throttled(no_ceiling, "a", ("db", "d0")) == 60
+
+
+def test_clients_behind_trusted_proxies():
+    clock = Clock()
+    behind = GuessThrottle(clock, 1, trusted_proxies=["10.0.0.0/8", " 127.0.0.1 ", ""])
     assert behind.client(_Request("127.0.0.1", "203.0.113.5, 10.1.2.3")) == "203.0.113.5"
     assert behind.client(_Request("203.0.113.9", "198.51.100.1")) == "203.0.113.9"
     assert behind.client(_Request("127.0.0.1", "not-an-ip")) == "not-an-ip"
     assert behind.client(_Request("127.0.0.1")) == "127.0.0.1"
+    assert behind.client(_Request("127.0.0.1", "10.0.0.1, 10.0.0.2")) == "127.0.0.1"
+    proxies = GuessThrottle(clock, 1, trusted_proxies=["127.0.0.1/8"])  # host bits set: still a network
+    request = _Request("127.0.0.2", "203.0.113.1, 198.51.100.2")
+    request.requestHeaders.addRawHeader(b"x-forwarded-for", b"127.0.0.3")  # a second header line
+    assert proxies.client(request) == "198.51.100.2"
+    assert proxies.client(_Request(None)) == ""
+    nameless = type("Request", (), {"getClientAddress": lambda self: object()})()
+    assert proxies.client(nameless) == ""
+
+
+def test_unix_socket_peers_are_one_client_unless_trusted():
+    unix = UNIXAddress(None)
+    plain = GuessThrottle(Clock(), 1, trusted_proxies=["127.0.0.1"])
+    assert plain.client(_Request(None, "203.0.113.5", address=unix)) == "unix"
+    trusting = GuessThrottle(Clock(), 1, trusted_proxies=["unix"])
+    assert trusting.client(_Request(None, "203.0.113.5", address=unix)) == "203.0.113.5"
+    assert trusting.client(_Request(None, None, address=unix)) == "unix"
+    assert trusting.client(_Request("127.0.0.1", "203.0.113.5")) == "127.0.0.1"
+    with_networks = GuessThrottle(Clock(), 1, trusted_proxies=["unix", "10.0.0.0/8"])
+    assert with_networks.client(_Request(None, "203.0.113.5, 10.0.0.1", address=unix)) == "203.0.113.5"
+    assert with_networks.client(_Request("10.0.0.2", "203.0.113.6")) == "203.0.113.6"
 
 
 def test_signed_link_details():
@@ -339,24 +424,3 @@ def test_signed_link_details():
     # The matching token may come first in a rotation list.
     assert signature_matches(("new", "old"), "a/b", "d", "f", 1, sig)
     assert sign_url("https://BOX", "a/b", "d", "f", "new", 1).startswith("https://BOX/a%2Fb/d/f?")
-
-
-def test_throttle_details():
-    clock = Clock()
-    default = GuessThrottle(clock, 1)
-    default.failed("a")
-    assert default.retry_after("a") == 60  # a one-minute window by default
-    clock.advance(59.5)
-    assert default.retry_after("a") == 1
-    three = GuessThrottle(clock, 3)
-    three.failed("b")
-    three.failed("b")
-    assert three.retry_after("b") is None
-    three.failed("b")
-    assert three.retry_after("b") == 60
-    proxies = GuessThrottle(clock, 1, trusted_proxies=["127.0.0.1/8"])  # host bits set: still a network
-    request = _Request("127.0.0.2", "203.0.113.1, 198.51.100.2")
-    request.requestHeaders.addRawHeader(b"x-forwarded-for", b"127.0.0.3")  # a second header line
-    assert proxies.client(request) == "198.51.100.2"
-    nameless = type("Request", (), {"getClientAddress": lambda self: object()})()
-    assert proxies.client(nameless) == ""

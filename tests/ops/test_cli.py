@@ -43,6 +43,16 @@ def test_cache_options():
     )
 
 
+def test_throttle_options():
+    defaults = _parse([], {})
+    assert (defaults.max_failures, defaults.max_client_failures, defaults.trusted_proxies) == (30, 300, ())
+    settings = _parse(
+        ["--max-failures", "5", "--max-client-failures", "0", "--trusted-proxies", "unix,10.0.0.0/8"], {}
+    )
+    assert (settings.max_failures, settings.max_client_failures) == (5, 0)
+    assert settings.trusted_proxies == ("unix", "10.0.0.0/8")
+
+
 def test_environment_then_options_win():
     env = {"COUCHDB_URL": "http://a:b@envhost:1234", "DOWNLOAD_TOKEN_KEY_NAME": "data.token"}
     settings = _parse([], env)

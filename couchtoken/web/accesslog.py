@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from twisted.web import server
 
 from couchtoken.web.channel import GuardedHTTPChannel
+from couchtoken.web.connections import ConnectionLimit
 from couchtoken.web.metrics import Metrics
 
 _SHOWN_QUERY_KEYS = frozenset({b"download"})
@@ -107,18 +108,39 @@ class LoggedRequest(server.Request):
 
 
 class DownloadSite(server.Site):
-    """A Site whose access log is ``LoggedRequest``'s redacted line, on guarded connections."""
+    """A Site whose access log is ``LoggedRequest``'s redacted line, on guarded connections.
+
+    Past ``connections.limit`` open connections, new ones are closed as soon as they are accepted.
+    """
 
     requestFactory = LoggedRequest
     protocol = GuardedHTTPChannel  # HTTP/1.1 only: no HTTP/2 negotiation wrapper
     displayTracebacks = False
 
     def __init__(
-        self, resource: Any, *, metrics: Metrics | None = None, log_format: str = "combined", **kw: Any
+        self,
+        resource: Any,
+        *,
+        metrics: Metrics | None = None,
+        log_format: str = "combined",
+        connections: ConnectionLimit | None = None,
+        **kw: Any,
     ):
         super().__init__(resource, **kw)
         self.metrics = metrics
         self.log_format = log_format
+        self.connections = connections or ConnectionLimit(None)
+
+    def buildProtocol(self, addr: Any) -> Any:
+        if not self.connections.admit():
+            return None  # Twisted closes the accepted socket
+        return super().buildProtocol(addr)
+
+    def connection_opened(self) -> None:
+        self.connections.opened()
+
+    def connection_closed(self) -> None:
+        self.connections.closed()
 
     def log(self, request: object) -> None:
         """Twisted's own line would print the token; ``LoggedRequest`` logs instead."""

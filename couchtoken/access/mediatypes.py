@@ -63,7 +63,7 @@ class TypeSet:
         self._items = frozenset(parse_type_option(item) for item in items)
 
     def __contains__(self, kind: str) -> bool:
-        return kind in self._items or kind.split("/", 1)[0] + "/*" in self._items
+        return kind in self._items or kind.partition("/")[0] + "/*" in self._items
 
 
 def parse_type_option(item: str) -> str:

@@ -197,6 +197,9 @@ def test_attachment_metadata_is_sanitised():
         (b"text/plain", "text/plain"),
         (b"Text/HTML", "text/html"),
         (b"  image/png\t", "image/png"),
+        (b"TEXT/X", "text/x"),
+        (b"text/plain\n", None),
+        (b"\x0btext/plain", None),
         (b"text/plain; charset=utf-8", "text/plain"),
         (b"text/plain;charset=utf-8;format=flowed", "text/plain"),
         (b"text/plain \t; \tcharset=utf-8", "text/plain"),
@@ -374,6 +377,14 @@ def test_a_looser_ceiling_per_client_across_documents():
     assert _throttled(throttle, "b", ("db", "d6")) == 60
     under_way.passed()
     assert _throttled(throttle, "b", ("db", "d6")) is None
+    clock.advance(29.5)
+    assert _throttled(throttle, "a", ("db", "d3")) is None  # the client's window is over
+    assert _throttled(throttle, "a", ("db", "d2")) == 30
+    one = GuessThrottle(clock, 5, max_client_failures=1)
+    one.start("c", ("db", "d1")).failed()
+    assert _throttled(one, "c", ("db", "d2")) == 60
+    clock.advance(59.5)
+    assert _throttled(one, "c", ("db", "d2")) == 1  # never 0
 
 
 def test_zero_turns_limits_off():

@@ -8,6 +8,10 @@
   (slowloris), even before the request line is complete, cannot hold a
   connection for ever.  Idle keep-alive connections are closed by the
   Site's own idle timeout.
+- No request here takes a body: one that announces a body (a
+  ``Content-Length`` above 0, or ``Transfer-Encoding: chunked``) gets 413
+  as soon as its headers are in, before any of the body is read (Twisted
+  would otherwise read it all, spooling large ones to disk).
 - The Site counts its open connections (``opened``/``closed`` on the
   factory, when it has them), so it can refuse new ones before the process
   runs out of file descriptors.
@@ -20,11 +24,16 @@ from typing import Any
 
 from twisted.web.http import HTTPChannel
 
-_REASONS = {408: b"Request Timeout", 414: b"URI Too Long", 431: b"Request Header Fields Too Large"}
+_REASONS = {
+    408: b"Request Timeout",
+    413: b"Content Too Large",
+    414: b"URI Too Long",
+    431: b"Request Header Fields Too Large",
+}
 
 
 class GuardedHTTPChannel(HTTPChannel):
-    """``HTTPChannel`` with 414/431 limits and a deadline for request headers."""
+    """``HTTPChannel`` with 413/414/431 limits and a deadline for request headers."""
 
     MAX_REQUEST_LINE = 8 * 1024
     MAX_HEADER_BYTES = 16 * 1024
@@ -69,6 +78,16 @@ class GuardedHTTPChannel(HTTPChannel):
             return
         self._lines += 1
         super().lineReceived(line)
+
+    def allHeadersReceived(self) -> None:
+        if self._transferDecoder is not None and self.length != 0:  # Content-Length > 0, or chunked
+            self._refuse(413)
+            return
+        super().allHeadersReceived()
+
+    def rawDataReceived(self, data: bytes) -> None:
+        if not self._refused:
+            super().rawDataReceived(data)
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self._refuse(414 if self._lines == 0 else 431)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 import urllib.request
@@ -52,6 +53,37 @@ async def test_oversized_requests_get_414_or_431(service, raw, status):
     assert answer.startswith(b"HTTP/1.1 %d " % status), answer[:200]
     assert b"Traceback" not in answer
     assert service.couchdb_targets() == []
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize(
+    "method,framing",
+    [
+        ("GET", "Content-Length: 200000000"),
+        ("GET", "Content-Length: 1"),
+        ("HEAD", "Content-Length: 5000"),
+        ("GET", "Transfer-Encoding: chunked"),
+        ("POST", "Content-Length: 200000000"),
+        ("OPTIONS", "Transfer-Encoding: chunked"),
+    ],
+)
+async def test_a_request_body_is_refused_before_it_is_read(service, db, doc, logged, method, framing):
+    raw = (
+        f"{method} /{db}/doc/f.txt?token={TOKEN} HTTP/1.1\r\nHost: x\r\n{framing}\r\n\r\n"
+        "the start of a body that never ends"
+    ).encode()
+    answer = await threads.deferToThread(raw_exchange, _port(service), raw, 5)
+    assert answer.startswith(b"HTTP/1.1 413 Content Too Large\r\n"), answer[:200]
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"] == "content_too_large"
+    assert service.couchdb_targets() == []
+    assert not any(e.get("log_failure") for e in logged)
+    # Content-Length: 0 is no body.
+    empty = (
+        f"GET /{db}/doc/f.txt?token={TOKEN} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode()
+    answer = await threads.deferToThread(raw_exchange, _port(service), empty, 5)
+    assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"still served"), answer[:200]
 
 
 @pytest_twisted.ensureDeferred

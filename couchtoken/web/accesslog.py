@@ -2,7 +2,10 @@
 
 Twisted's own access log prints the full URI, query string and token
 included; it is replaced here.  Every query value except a few harmless ones
-is written as ``REDACTED`` (in the Referer too).  Lines come in Apache's
+is written as ``REDACTED`` (in the Referer too).  What the client sent is
+written as printable ASCII: a backslash doubled, every other byte (control
+characters such as ESC, non-ASCII) as ``\\xHH``, so a request cannot rewrite
+a terminal or forge a log line.  Lines come in Apache's
 combined format followed by the duration and the cache outcome, or as JSON
 objects (``--log-format json``).  Each ending request also updates the
 request metrics.  Polls of ``/_health`` and ``/_metrics`` are not logged.
@@ -11,6 +14,7 @@ request metrics.  Polls of ``/_health`` and ``/_metrics`` are not logged.
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Any
 from urllib.parse import unquote_to_bytes
@@ -25,6 +29,13 @@ from couchtoken.web.metrics import Metrics
 _SHOWN_QUERY_KEYS = frozenset({b"download"})
 _QUIET_PATHS = frozenset({b"/_health", b"/_metrics"})
 _log = Logger(namespace="couchtoken.access")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def printable(raw: bytes) -> str:
+    """Bytes from a request as log text: printable ASCII, ``\\`` doubled, anything else ``\\xHH``."""
+    text = raw.replace(b"\\", b"\\\\").decode("ascii", "backslashreplace")
+    return _CONTROL.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
 
 
 def redact_uri(uri: bytes) -> str:
@@ -39,11 +50,11 @@ def redact_uri(uri: bytes) -> str:
                 pair = key + b"=REDACTED"
             parts.append(pair)
         path += b"?" + b"&".join(parts)
-    return path.decode("ascii", "backslashreplace")
+    return printable(path)
 
 
 def _quoted(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"')
+    return value.replace('"', '\\"')  # backslashes are doubled already (``printable``)
 
 
 class LoggedRequest(server.Request):
@@ -53,7 +64,7 @@ class LoggedRequest(server.Request):
 
     def __repr__(self) -> str:
         # Twisted puts requests in some of its own log lines: never with the token.
-        method = self.method.decode("ascii", "replace") if self.method else "?"
+        method = printable(self.method) if self.method else "?"
         return f"<LoggedRequest {method} {redact_uri(self.uri or b'')}>"
 
     def process(self) -> None:
@@ -84,13 +95,13 @@ class LoggedRequest(server.Request):
         return {
             "client": getattr(self.getClientAddress(), "host", "-"),
             "time": self._wall_started,
-            "method": self.method.decode("ascii", "replace"),
+            "method": printable(self.method),
             "uri": redact_uri(self.uri),
-            "protocol": self.clientproto.decode("ascii", "replace"),
+            "protocol": printable(self.clientproto),
             "status": self.code,
             "bytes": self.sentLength,
             "referer": redact_uri(referer) if referer else None,
-            "user_agent": agent.decode("latin-1") if agent else None,
+            "user_agent": printable(agent) if agent else None,
             "duration_ms": round(duration * 1000, 3),
             "cache": self.cache_status,
             "completed": completed,

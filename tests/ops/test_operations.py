@@ -279,7 +279,7 @@ async def test_control_characters_from_the_request_are_escaped_in_log_lines(
     raw = (
         # Twisted itself refuses control characters in the request line (400), not in header values.
         b"GET /" + db.encode() + b"/doc/a%1b\\x1b.txt?token=x HTTP/1.1\r\nHost: x\r\n"
-        b"User-Agent: evil\x1b[2J\x08\x08\x7f\xc3\xa9 \\ \"q\"\r\n"
+        b'User-Agent: evil\x1b[2J\x08\x08\x7f\xc3\xa9 \\ "q"\r\n'
         b"Referer: https://a/\x1b]0;title\x07\r\nConnection: close\r\n\r\n"
     )
     answer = await threads.deferToThread(raw_exchange, port, raw)

@@ -1,18 +1,22 @@
-"""``python -m couchtoken sign``: mint an expiring signed link."""
+"""``python -m couchtoken sign``: mint an expiring signed link; ``python -m couchtoken token``: a new token."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import sys
 import time
 
-from couchtoken.access.links import DEFAULT_MAX_LIFETIME, sign_url
+from couchtoken.access.links import DEFAULT_MAX_LIFETIME, MIN_SIGNING_TOKEN_LENGTH, sign_url
+
+TOKEN_BYTES = 16  # 128 random bits, 22 characters of base64url
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m couchtoken")
     commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("token", help="print a new random download token (128 bits, base64url)")
     sign = commands.add_parser("sign", help="print an expiring signed link to an attachment")
     sign.add_argument("base_url", help="where couchtoken is served, e.g. https://files.example.com")
     sign.add_argument("db")
@@ -25,9 +29,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     sign.add_argument("--expires-in", type=int, default=3600, help="seconds the link stays valid")
     args = parser.parse_args(argv)
+    if args.command == "token":
+        print(secrets.token_urlsafe(TOKEN_BYTES))
+        return 0
     token = os.environ.get(args.token_env)
     if not token:
         parser.error(f"set ${args.token_env} to the document's download token")
+    if len(token) < MIN_SIGNING_TOKEN_LENGTH:
+        parser.error(
+            f"the token is shorter than {MIN_SIGNING_TOKEN_LENGTH} characters: anyone holding a link "
+            "could guess it offline, so the service refuses such links "
+            "(python -m couchtoken token makes a strong one)"
+        )
     if not 0 < args.expires_in <= DEFAULT_MAX_LIFETIME:
         parser.error(f"--expires-in must be between 1 and {DEFAULT_MAX_LIFETIME} seconds")
     expires = int(time.time()) + args.expires_in

@@ -12,7 +12,14 @@ from twisted.web.http_headers import Headers
 
 from couchtoken.access.attachments import AttachmentInfo
 from couchtoken.access.documents import DocumentSummary
-from couchtoken.access.links import sign_url, signature, signature_matches
+from couchtoken.access.links import (
+    MIN_SIGNING_TOKEN_LENGTH,
+    Signature,
+    check_signature,
+    sign_url,
+    signature,
+    signature_matches,
+)
 from couchtoken.access.mediatypes import TypeSet, essence, is_passive, parse_type_option
 from couchtoken.access.names import (
     MAX_NAME_BYTES,
@@ -286,20 +293,45 @@ def test_refusals_say_what_is_wrong(raw, reason):
 # -- Signed links and guess throttling --------------------------------------------------
 
 
+NEW = "new-token-0123456"  # 17 characters
+OLD = "old-token-0123456"
+
+
 def test_signed_link_checks():
-    sig = signature("new", "db", "d/1", "a b.txt", 1700000000).encode()
+    sig = signature(NEW, "db", "d/1", "a b.txt", 1700000000).encode()
     assert len(sig) == 64
-    assert signature_matches(("old", "new"), "db", "d/1", "a b.txt", 1700000000, sig)
-    assert signature_matches(("new",), "db", "d/1", "a b.txt", 1700000000, sig.upper())
-    assert not signature_matches(("old",), "db", "d/1", "a b.txt", 1700000000, sig)
+    assert signature_matches((OLD, NEW), "db", "d/1", "a b.txt", 1700000000, sig)
+    assert signature_matches((NEW,), "db", "d/1", "a b.txt", 1700000000, sig.upper())
+    assert not signature_matches((OLD,), "db", "d/1", "a b.txt", 1700000000, sig)
     assert not signature_matches((), "db", "d/1", "a b.txt", 1700000000, sig)
-    assert not signature_matches(("new",), "db", "d/1", "a b.txt", 1700000001, sig)
-    assert not signature_matches(("new",), "db", "d/1", "a b.txt", 1700000000, sig[:-1])
+    assert not signature_matches((NEW,), "db", "d/1", "a b.txt", 1700000001, sig)
+    assert not signature_matches((NEW,), "db", "d/1", "a b.txt", 1700000000, sig[:-1])
     for changed in (("db2", "d/1", "a b.txt"), ("db", "d/2", "a b.txt"), ("db", "d/1", "a b.txd")):
-        assert not signature_matches(("new",), *changed, 1700000000, sig)
-    url = sign_url("https://h/", "db", "d/1", "x/a b.txt", "new", 1700000000)
-    expected = signature("new", "db", "d/1", "x/a b.txt", 1700000000)
+        assert not signature_matches((NEW,), *changed, 1700000000, sig)
+    url = sign_url("https://h/", "db", "d/1", "x/a b.txt", NEW, 1700000000)
+    expected = signature(NEW, "db", "d/1", "x/a b.txt", 1700000000)
     assert url == f"https://h/db/d%2F1/x/a%20b.txt?expires=1700000000&sig={expected}"
+
+
+def test_only_tokens_of_16_characters_or_more_sign_links():
+    assert MIN_SIGNING_TOKEN_LENGTH == 16
+    fifteen, sixteen = "t" * 15, "u" * 16
+    by_15 = signature(fifteen, "db", "d", "f", 1).encode()
+    by_16 = signature(sixteen, "db", "d", "f", 1).encode()
+    assert check_signature((sixteen,), "db", "d", "f", 1, by_16) is Signature.VALID
+    assert check_signature((fifteen,), "db", "d", "f", 1, by_15) is Signature.SHORT_TOKEN
+    assert check_signature((fifteen, sixteen), "db", "d", "f", 1, by_15) is Signature.SHORT_TOKEN
+    assert check_signature((fifteen, sixteen), "db", "d", "f", 1, by_16) is Signature.VALID
+    assert check_signature((sixteen, fifteen), "db", "d", "f", 1, by_16) is Signature.VALID
+    assert check_signature((fifteen,), "db", "d", "f", 1, by_16) is Signature.INVALID
+    assert check_signature((sixteen,), "db", "d", "f", 1, by_15) is Signature.INVALID
+    assert check_signature((), "db", "d", "f", 1, by_16) is Signature.INVALID
+    assert not signature_matches((fifteen,), "db", "d", "f", 1, by_15)
+    assert signature_matches((fifteen, sixteen), "db", "d", "f", 1, by_16)
+    # The length is counted in characters, not bytes.
+    short_unicode = "é" * 15  # 30 bytes in UTF-8
+    by_unicode = signature(short_unicode, "db", "d", "f", 1).encode()
+    assert check_signature((short_unicode,), "db", "d", "f", 1, by_unicode) is Signature.SHORT_TOKEN
 
 
 class _Request:
@@ -431,7 +463,7 @@ def test_unix_socket_peers_are_one_client_unless_trusted():
 
 
 def test_signed_link_details():
-    sig = signature("new", "a/b", "d", "f", 1).encode()
+    sig = signature(NEW, "a/b", "d", "f", 1).encode()
     # The matching token may come first in a rotation list.
-    assert signature_matches(("new", "old"), "a/b", "d", "f", 1, sig)
-    assert sign_url("https://BOX", "a/b", "d", "f", "new", 1).startswith("https://BOX/a%2Fb/d/f?")
+    assert signature_matches((NEW, OLD), "a/b", "d", "f", 1, sig)
+    assert sign_url("https://BOX", "a/b", "d", "f", NEW, 1).startswith("https://BOX/a%2Fb/d/f?")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import os
+import re
 import subprocess
 import sys
 import time
@@ -16,7 +18,7 @@ from couchtoken.access.links import sign_url, signature
 from couchtoken.dev.pouchdb import ROOT
 from tests.http import fetch, service_url
 
-TOKEN = "link-token"
+TOKEN = "link-token-0123456789"
 
 
 @pytest.fixture
@@ -236,6 +238,53 @@ async def test_a_token_and_a_signature_together_are_refused(service, db, files):
     url = sign_url(service.base_url, db, files, "note.txt", TOKEN, int(time.time()) + 60)
     assert (await fetch(url + f"&token={TOKEN}")).status == 400
     assert (await fetch(service.url(db, files, "note.txt", sig="ab", expires="soon"))).status == 400
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_link_signed_with_a_short_token_is_refused_with_its_reason(start_service, admin, db):
+    short, strong = "fifteen-chars-x", "sixteen-chars-xy"
+    admin.put(db, "weak", {"download_token": short})
+    admin.put_attachment(db, "weak", "f.txt", b"weak", "text/plain")
+    admin.put(db, "both", {"download_token": [short, strong]})
+    admin.put_attachment(db, "both", "f.txt", b"both", "text/plain")
+    service = await start_service(max_failures=1)  # the refusal is no guess: it needs the token
+    expires = int(time.time()) + 60
+    for _ in range(2):
+        reply = await fetch(sign_url(service.base_url, db, "weak", "f.txt", short, expires))
+        assert (reply.status, reply.json()["reason"]) == (403, "token too short for signed links")
+        reply = await fetch(sign_url(service.base_url, db, "both", "f.txt", short, expires))
+        assert (reply.status, reply.json()["reason"]) == (403, "token too short for signed links")
+    reply = await fetch(sign_url(service.base_url, db, "both", "f.txt", strong, expires))
+    assert (reply.status, reply.body) == (200, b"both")
+    assert (await fetch(service.url(db, "weak", "f.txt", short))).status == 200  # ?token= still works
+    # Without the token, a short one is not revealed: a bad signature is just that.
+    guess = await fetch(sign_url(service.base_url, db, "weak", "f.txt", "x" * 20, expires))
+    assert (guess.status, guess.json()["reason"]) == (403, "bad signature")
+
+
+def _couchtoken(*args: str, token: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if token is not None:
+        env["COUCHTOKEN_SIGN_TOKEN"] = token
+    return subprocess.run(
+        [sys.executable, "-m", "couchtoken", *args], capture_output=True, text=True, env=env, timeout=30
+    )
+
+
+def test_python_m_couchtoken_token_prints_a_strong_token():
+    tokens = {_couchtoken("token").stdout.strip() for _ in range(3)}
+    assert len(tokens) == 3
+    for token in tokens:
+        assert re.fullmatch(r"[A-Za-z0-9_-]{22}", token), token
+        assert len(base64.urlsafe_b64decode(token + "==")) == 16
+
+
+def test_python_m_couchtoken_sign_refuses_a_short_token():
+    result = _couchtoken("sign", "https://files.example", "db", "d", "f.txt", token="fifteen-chars-x")
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert "shorter than 16 characters" in result.stderr
+    assert "fifteen-chars-x" not in result.stderr
 
 
 def test_python_m_couchtoken_sign_prints_a_link():

@@ -31,7 +31,7 @@ from twisted.web.static import Data
 
 from couchtoken.access.links import sign_url
 
-TOKEN = "browser-token"
+TOKEN = "browser-token-0123456789"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 SCRIPTED_SVG = (
     b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10">'

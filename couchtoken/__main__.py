@@ -1,4 +1,4 @@
-"""``python -m couchtoken sign``: mint an expiring signed link; ``python -m couchtoken token``: a new token."""
+"""``python -m couchtoken sign``: mint an expiring signed link.  ``... token``: print a new token."""
 
 from __future__ import annotations
 

@@ -321,6 +321,7 @@ def test_only_tokens_of_16_characters_or_more_sign_links():
     assert check_signature((sixteen,), "db", "d", "f", 1, by_16) is Signature.VALID
     assert check_signature((fifteen,), "db", "d", "f", 1, by_15) is Signature.SHORT_TOKEN
     assert check_signature((fifteen, sixteen), "db", "d", "f", 1, by_15) is Signature.SHORT_TOKEN
+    assert check_signature((fifteen, "v" * 15), "db", "d", "f", 1, by_15) is Signature.SHORT_TOKEN
     assert check_signature((fifteen, sixteen), "db", "d", "f", 1, by_16) is Signature.VALID
     assert check_signature((sixteen, fifteen), "db", "d", "f", 1, by_16) is Signature.VALID
     assert check_signature((fifteen,), "db", "d", "f", 1, by_16) is Signature.INVALID

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -23,8 +24,16 @@ def rss_bytes(pid: int) -> int:
 class TwistProcess:
     """``twist couchtoken --port tcp:<free>:interface=127.0.0.1 [args]`` with the source tree's plugin."""
 
-    def __init__(self, log_path: Path, args: list[str] = (), env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        log_path: Path,
+        args: list[str] = (),
+        env: dict[str, str] | None = None,
+        descriptors: int | None = None,
+    ) -> None:
+        """``descriptors`` lowers the process's soft limit on open file descriptors."""
         self.port = free_port()
+        self.descriptors = descriptors
         self.log_path = log_path
         twist = Path(sys.executable).with_name("twist")
         command = [str(twist)] if twist.exists() else [sys.executable, "-m", "twisted"]
@@ -52,6 +61,7 @@ class TwistProcess:
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
+            preexec_fn=self._limit_descriptors if self.descriptors else None,
         )
         log.close()
         deadline = time.monotonic() + timeout
@@ -64,6 +74,15 @@ class TwistProcess:
             except OSError:
                 time.sleep(0.1)
         raise RuntimeError("twist did not start listening")
+
+    def _limit_descriptors(self) -> None:
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.descriptors, hard))
+
+    def cpu_seconds(self) -> float:
+        """User and system CPU time the process has used so far, from /proc."""
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

@@ -17,6 +17,7 @@ from couchtoken.upstream.cache import DocumentCache
 from couchtoken.upstream.client import CouchDBClient
 from couchtoken.upstream.feeds import FeedManager
 from couchtoken.web.accesslog import DownloadSite
+from couchtoken.web.connections import ConnectionLimit, client_connection_limit, descriptor_limit
 from couchtoken.web.delivery import Delivery
 from couchtoken.web.inflight import InFlight
 from couchtoken.web.metrics import Metrics
@@ -62,6 +63,14 @@ def build(settings: Settings, reactor: Any) -> Couchtoken:
     feeds.on_change = documents.evict
     feeds.on_gap = documents.drop_database
     blobs = BlobCache(settings.blob_cache_bytes, settings.blob_cache_max_item)
+    connections = ConnectionLimit(
+        client_connection_limit(
+            descriptor_limit(),
+            pool=settings.max_connections_per_host,
+            feeds=settings.max_feeds,
+            max_downloads=settings.max_downloads,
+        )
+    )
     metrics = Metrics()
     metrics.watch(
         lambda: {
@@ -76,6 +85,8 @@ def build(settings: Settings, reactor: Any) -> Couchtoken:
             "blob_cache_hits": blobs.hits,
             "blob_cache_misses": blobs.misses,
             "blob_cache_bytes": blobs.bytes_held,
+            "client_connections": connections.open,
+            "connections_refused": connections.refused,
         }
     )
     health = HealthCheck(client, feeds, documents, reactor, timeout=min(settings.response_timeout, 5.0))
@@ -98,10 +109,19 @@ def build(settings: Settings, reactor: Any) -> Couchtoken:
         operator_pages=ops.public_pages(with_metrics=settings.metrics_port is None),
         databases=settings.databases,
         max_link_lifetime=settings.max_link_lifetime,
-        throttle=GuessThrottle(reactor, settings.max_failures, trusted_proxies=settings.trusted_proxies),
+        throttle=GuessThrottle(
+            reactor,
+            settings.max_failures,
+            max_client_failures=settings.max_client_failures,
+            trusted_proxies=settings.trusted_proxies,
+        ),
     )
     site = DownloadSite(
-        app.resource(), metrics=metrics, log_format=settings.access_log_format, reactor=reactor
+        app.resource(),
+        metrics=metrics,
+        log_format=settings.access_log_format,
+        connections=connections,
+        reactor=reactor,
     )
     ops_site = Site(OpsApp(ops).resource(), reactor=reactor)
     ops_site.log = lambda request: None  # polled every few seconds: not worth a log line

@@ -42,6 +42,7 @@ class Settings:
     databases: tuple[str, ...] = ()
     max_link_lifetime: float = 7 * 24 * 3600.0
     max_failures: int = 30
+    max_client_failures: int = 300
     trusted_proxies: tuple[str, ...] = ()
 
     def describe(self) -> str:

@@ -15,6 +15,8 @@ from twisted.application.service import MultiService
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
+from couchtoken.access.mediatypes import parse_type_option
+from couchtoken.access.throttle import UNIX_PEERS
 from couchtoken.ops.lifecycle import ExitCleanlyOnSigterm, ListeningPort
 from couchtoken.ops.services import build
 from couchtoken.ops.settings import DEFAULT_TOKEN_FIELD, Settings, parse_token_field
@@ -70,13 +72,27 @@ def _list(option: str, value: str) -> tuple[str, ...]:
     return items
 
 
-def _networks(option: str, value: str) -> tuple[str, ...]:
+def _media_types(option: str, value: str) -> tuple[str, ...]:
     items = _list(option, value)
     for item in items:
         try:
+            parse_type_option(item)
+        except ValueError as exc:
+            raise usage.UsageError(f"--{option}: {exc}") from None
+    return items
+
+
+def _networks(option: str, value: str) -> tuple[str, ...]:
+    items = _list(option, value)
+    for item in items:
+        if item == UNIX_PEERS:
+            continue
+        try:
             ipaddress.ip_network(item, strict=False)
         except ValueError:
-            raise usage.UsageError(f"--{option}: {item!r} is not an IP address or network") from None
+            raise usage.UsageError(
+                f"--{option}: {item!r} is not an IP address or network, or {UNIX_PEERS}"
+            ) from None
     return items
 
 
@@ -221,14 +237,16 @@ class Options(usage.Options):
             "sandbox-types",
             None,
             "",
-            "Comma-separated media types served with Content-Security-Policy: sandbox, besides "
-            "HTML, XHTML, SVG and XML.",
+            "Comma-separated media types (type/subtype or type/*) served with "
+            "Content-Security-Policy: sandbox although passive (images, audio, video, PDF, plain "
+            "text, CSV); every other type always is.",
         ],
         [
             "force-download-types",
             None,
             "",
-            "Comma-separated media types always served as Content-Disposition: attachment.",
+            "Comma-separated media types (type/subtype or type/*) always served as "
+            "Content-Disposition: attachment.",
         ],
         [
             "max-link-lifetime",
@@ -241,7 +259,16 @@ class Options(usage.Options):
             "max-failures",
             None,
             30,
-            "Failed token checks a client address may make per minute; past it, 429 (0: no limit).",
+            "Failed token checks a client may make on one document per minute; past it, 429 for "
+            "that document (0: no guess throttling at all).",
+            _count,
+        ],
+        [
+            "max-client-failures",
+            None,
+            300,
+            "Failed token checks a client may make per minute across all documents; past it, 429 "
+            "for everything (0: no such ceiling).",
             _count,
         ],
         [
@@ -249,7 +276,7 @@ class Options(usage.Options):
             None,
             "",
             "Comma-separated addresses or networks of reverse proxies whose X-Forwarded-For "
-            "names the client.",
+            "names the client; 'unix' trusts every connection on a unix: port.",
         ],
         [
             "metrics-port",
@@ -306,11 +333,12 @@ class Options(usage.Options):
                 metrics_port=self["metrics-port"],
                 blob_cache_bytes=self["blob-cache-bytes"],
                 blob_cache_max_item=self["blob-cache-max-item"],
-                sandbox_types=_list("sandbox-types", self["sandbox-types"]),
-                force_download_types=_list("force-download-types", self["force-download-types"]),
+                sandbox_types=_media_types("sandbox-types", self["sandbox-types"]),
+                force_download_types=_media_types("force-download-types", self["force-download-types"]),
                 databases=_list("databases", self["databases"]),
                 max_link_lifetime=self["max-link-lifetime"],
                 max_failures=self["max-failures"],
+                max_client_failures=self["max-client-failures"],
                 trusted_proxies=_networks("trusted-proxies", self["trusted-proxies"]),
             )
         except ConfigError as exc:

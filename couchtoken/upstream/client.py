@@ -1,6 +1,8 @@
 """The only way couchtoken talks to CouchDB: a few GETs, nothing else.
 
-``fetch_document`` reads ``GET /<db>/<docid>?att_encoding_info=true``; ``open_attachment`` starts
+``fetch_document`` reads ``GET /<db>/<docid>?att_encoding_info=true`` (a
+document nested too deeply for Python's JSON parser reads as an empty one,
+and is logged once); ``open_attachment`` starts
 ``GET /<db>/<docid>/<attachment>?rev=<rev>`` and hands back the unread
 response so its body can be streamed; ``open_changes`` starts a database's
 continuous ``_changes`` feed; ``probe`` asks ``GET /_up`` for health checks.
@@ -18,6 +20,7 @@ import json
 from typing import Any
 
 import treq
+from cachetools import TTLCache
 from twisted.internet import defer, error
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed, _HTTP11ClientFactory
@@ -31,6 +34,7 @@ from couchtoken.upstream.server import CouchDBCluster, CouchDBServer, as_cluster
 
 DOCUMENT_QUERY = "att_encoding_info=true"
 MAX_DOCUMENT_BYTES = 16 * 1024 * 1024
+REPORT_AGAIN_AFTER = 3600.0  # seconds before the same unreadable document is logged again
 MAX_ERROR_BODY_BYTES = 64 * 1024
 _USER_AGENT = f"couchtoken/{__version__}".encode("ascii")
 
@@ -129,6 +133,9 @@ class CouchDBClient:
         feed_pool._factory = _QuietClientFactory
         self._feed_agent = Agent(reactor, connectTimeout=connect_timeout, pool=feed_pool)
         self._health_path = "/_up"
+        self._reported: TTLCache[tuple[str, str], bool] = TTLCache(
+            maxsize=1000, ttl=REPORT_AGAIN_AFTER, timer=reactor.seconds
+        )
 
     def __repr__(self) -> str:
         return f"CouchDBClient({', '.join(repr(n) for n in self.nodes.nodes)})"
@@ -205,11 +212,26 @@ class CouchDBClient:
             raise _translate(exc) from None
         try:
             document = json.loads(body)
+        except RecursionError:
+            # Valid JSON that CouchDB stores but Python's parser cannot read.
+            self._report_unreadable(db, docid)
+            return {}  # a document with nothing usable in it: it opens nothing (403)
         except ValueError:
             raise UpstreamError("garbage", "CouchDB sent a document that is not JSON") from None
         if not isinstance(document, dict):
             raise UpstreamError("garbage", "CouchDB sent a document that is not an object")
         return document
+
+    def _report_unreadable(self, db: str, docid: str) -> None:
+        """One warning per document (and per hour at most), not one per request."""
+        if (db, docid) in self._reported:
+            return
+        self._reported[db, docid] = True
+        self._log.warn(
+            "CouchDB document {db}/{docid} is nested too deeply to read; it opens nothing",
+            db=db,
+            docid=docid,
+        )
 
     async def open_attachment(
         self,

@@ -36,6 +36,8 @@ LIVE_FIGURES = {
     "blob_cache_bytes": ("gauge", "Bytes of attachment bodies held in memory."),
     "cache_entries": ("gauge", "Documents in the cache."),
     "feeds_connected": ("gauge", "_changes feeds connected and live."),
+    "client_connections": ("gauge", "Client connections open on the public port."),
+    "connections_refused": ("counter", "Client connections closed at once: the descriptor budget was full."),
 }
 
 

@@ -44,6 +44,16 @@ def test_cache_options():
     )
 
 
+def test_throttle_options():
+    defaults = _parse([], {})
+    assert (defaults.max_failures, defaults.max_client_failures, defaults.trusted_proxies) == (30, 300, ())
+    settings = _parse(
+        ["--max-failures", "5", "--max-client-failures", "0", "--trusted-proxies", "unix,10.0.0.0/8"], {}
+    )
+    assert (settings.max_failures, settings.max_client_failures) == (5, 0)
+    assert settings.trusted_proxies == ("unix", "10.0.0.0/8")
+
+
 def test_environment_then_options_win():
     env = {"COUCHDB_URL": "http://a:b@envhost:1234", "DOWNLOAD_TOKEN_KEY_NAME": "data.token"}
     settings = _parse([], env)
@@ -136,6 +146,9 @@ def test_twist_couchtoken_serves_downloads(couch_server, admin, db, tmp_path):
         (["--max-downloads", "0"], "must be 1 or more"),
         (["--databases", ","], "--databases takes a comma-separated list with no empty items"),
         (["--sandbox-types", "text/x-a,,"], "--sandbox-types takes a comma-separated list"),
+        (["--sandbox-types", "text/x-a;q=1"], "--sandbox-types: 'text/x-a;q=1' is not a media type"),
+        (["--force-download-types", "text/html,html"], "--force-download-types: 'html' is not a media type"),
+        (["--force-download-types", "*/*"], "--force-download-types: '*/*' is not a media type"),
         (["--connect-timeout", "0"], "must be a positive number"),
     ],
 )

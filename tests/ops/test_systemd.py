@@ -59,6 +59,7 @@ def test_the_service_unit_keeps_secrets_off_the_command_line_and_hardens():
         "MemoryMax=",
         "LoadCredential=couchdb-url:",
         "COUCHDB_URL_FILE=%d/couchdb-url",
+        "LimitNOFILE=65536",
     ):
         assert setting in service, setting
 

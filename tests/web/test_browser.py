@@ -80,7 +80,11 @@ PAGE = """<!doctype html><html><body>
 const found = {};
 function report() { document.getElementById("results").textContent = JSON.stringify(found); }
 window.addEventListener("error", (e) => { found.error = String(e.message); report(); });
-window.addEventListener("message", (e) => { found[e.data + "-from-" + e.source.frameElement?.id] = true; });
+window.addEventListener("message", (e) => {
+  // frameElement is out of reach for another origin's window: find the frame by its window.
+  const frame = [...document.querySelectorAll("iframe")].find((f) => f.contentWindow === e.source);
+  found[e.data + "-from-" + (frame ? frame.id : "unknown-frame")] = true;
+});
 setTimeout(() => { found.done = true; report(); }, 3000);
 </script>
 <script type="module">
@@ -132,17 +136,15 @@ def media(admin, db):
     return "doc"
 
 
-@pytest_twisted.ensureDeferred
-async def test_a_browser_on_another_origin_uses_the_links(service, db, media, tmp_path):
+def _need_chromium() -> None:
     if CHROMIUM is None:
         if os.environ.get("CI"):
             pytest.fail("Chromium is missing: .ci/run installs Debian's chromium")
         pytest.skip("Chromium is not installed (apt-get install chromium)")
-    config = {"base": service.base_url, "db": db, "doc": media, "token": TOKEN, "awkward": AWKWARD}
-    root = Resource()
-    root.putChild(b"", Data(PAGE.replace("__CONFIG__", json.dumps(config)).encode(), "text/html"))
-    root.putChild(b"couchtoken.js", Data(JS_CLIENT.read_bytes(), "text/javascript"))
-    root.putChild(b"control.svg", Data(SCRIPTED_SVG, "image/svg+xml"))
+
+
+async def _run_page(root: Resource, tmp_path) -> dict:
+    """Serve ``root`` on another origin, load its page in headless Chromium, return what it reported."""
     page = reactor.listenTCP(0, Site(root), interface="127.0.0.1")
     try:
         command = [
@@ -168,7 +170,18 @@ async def test_a_browser_on_another_origin_uses_the_links(service, db, media, tm
         await page.stopListening()
     match = re.search(r'<pre id="results">(.*?)</pre>', result.stdout, re.S)
     assert match, result.stdout[-2000:] + result.stderr[-2000:]
-    found = json.loads(match.group(1).replace("&quot;", '"').replace("&amp;", "&"))
+    return json.loads(match.group(1).replace("&quot;", '"').replace("&amp;", "&"))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_browser_on_another_origin_uses_the_links(service, db, media, tmp_path):
+    _need_chromium()
+    config = {"base": service.base_url, "db": db, "doc": media, "token": TOKEN, "awkward": AWKWARD}
+    root = Resource()
+    root.putChild(b"", Data(PAGE.replace("__CONFIG__", json.dumps(config)).encode(), "text/html"))
+    root.putChild(b"couchtoken.js", Data(JS_CLIENT.read_bytes(), "text/javascript"))
+    root.putChild(b"control.svg", Data(SCRIPTED_SVG, "image/svg+xml"))
+    found = await _run_page(root, tmp_path)
     print("\n[browser]", json.dumps(found, sort_keys=True))
     assert found.get("module") and "error" not in found, found  # the module loaded and ran
     assert found["img"] == 1, found
@@ -185,5 +198,63 @@ async def test_a_browser_on_another_origin_uses_the_links(service, db, media, tm
     assert found.get("seeked", 0) > 0.5, found
     assert found.get("svg-script-ran-from-control"), found  # scripts are detected...
     assert not found.get("svg-script-ran-from-svg"), found  # ...and the sandboxed one did not run
+    assert not any("unknown-frame" in key for key in found), found
     ranged = [r for r in service.proxy.requests if "tone.wav" in r.target and "range" in r.headers]
     assert ranged, "the browser never asked for a byte range of the audio"
+
+
+# A document that reports to its parent if its script runs: as HTML, and as XHTML
+# (which Chromium also runs from an XML type such as text/xsl).
+SCRIPTED_HTML = b"<!doctype html><script>parent.postMessage('ran', '*')</script>"
+SCRIPTED_XHTML = (
+    b'<?xml version="1.0"?><html xmlns="http://www.w3.org/1999/xhtml">'
+    b"<script>parent.postMessage('ran', '*')</script></html>"
+)
+STORED_TYPES = {
+    "comma": ("text/plain,text/html", SCRIPTED_HTML),
+    "xsl": ("text/xsl", SCRIPTED_XHTML),
+    "upper": ("TEXT/HTML", SCRIPTED_HTML),
+    "xhtml": ("application/xhtml+xml", SCRIPTED_XHTML),
+}
+FRAMES_PAGE = """<!doctype html><html><body>
+<pre id="results">pending</pre>
+<script>
+const found = {};
+const frames = %(frames)s;
+window.addEventListener("message", (e) => {
+  // frameElement is out of reach for another origin's window: find the frame by its window.
+  const frame = [...document.querySelectorAll("iframe")].find((f) => f.contentWindow === e.source);
+  found[frame ? frame.id : "unknown-frame"] = e.data;
+});
+for (const [id, src] of Object.entries(frames)) {
+  const frame = document.createElement("iframe");
+  frame.id = id;
+  frame.src = src;
+  document.body.appendChild(frame);
+}
+setTimeout(() => {
+  found.done = true;
+  document.getElementById("results").textContent = JSON.stringify(found);
+}, 3000);
+</script></body></html>"""
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_stored_type_runs_script_in_the_service_origin(service, admin, db, tmp_path):
+    """Each file is framed twice: from couchtoken (must not run) and from the page's own server (runs)."""
+    _need_chromium()
+    admin.put(db, "doc", {"download_token": TOKEN})
+    root = Resource()
+    frames = {}
+    for name, (content_type, body) in STORED_TYPES.items():
+        admin.put_attachment(db, "doc", name, body, content_type)
+        frames[f"served-{name}"] = service.url(db, "doc", name, TOKEN)
+        root.putChild(f"control-{name}".encode(), Data(body, content_type))
+        frames[f"control-{name}"] = f"/control-{name}"
+    root.putChild(b"", Data((FRAMES_PAGE % {"frames": json.dumps(frames)}).encode(), "text/html"))
+    found = await _run_page(root, tmp_path)
+    print("\n[browser]", json.dumps(found, sort_keys=True))
+    assert found.get("done"), found
+    for name in STORED_TYPES:
+        assert found.get(f"control-{name}") == "ran", (name, found)  # the script is live...
+        assert f"served-{name}" not in found, (name, found)  # ...and couchtoken's copy did not run

@@ -113,7 +113,11 @@ def signed_url(
     download_path(db, docid, attachment)
     _encoded_token(token)
     if len(token) < MIN_SIGNING_TOKEN_LENGTH:
-        raise ValueError(f"signing needs a token of at least {MIN_SIGNING_TOKEN_LENGTH} characters")
+        raise ValueError(
+            f"the token is shorter than {MIN_SIGNING_TOKEN_LENGTH} characters: signing needs a token of "
+            f"at least {MIN_SIGNING_TOKEN_LENGTH} characters, or anyone holding a link could guess it "
+            "offline (python -m couchtoken token makes a strong one)"
+        )
     url = sign_url(base_url, db, docid, attachment, token, _unix_seconds(expires_at))
     return url + "&download=1" if download else url
 

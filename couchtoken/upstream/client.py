@@ -23,6 +23,7 @@ import treq
 from cachetools import TTLCache
 from twisted.internet import defer, error
 from twisted.internet.defer import Deferred, gatherResults
+from twisted.logger import Logger
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed, _HTTP11ClientFactory
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
@@ -31,6 +32,8 @@ from couchtoken import __version__
 from couchtoken.access.names import AttachmentPath, attachment_path, document_path, encode_segment
 from couchtoken.upstream.nodes import NodeSet
 from couchtoken.upstream.server import CouchDBCluster, CouchDBServer, as_cluster
+
+_log = Logger()
 
 DOCUMENT_QUERY = "att_encoding_info=true"
 MAX_DOCUMENT_BYTES = 16 * 1024 * 1024
@@ -227,7 +230,7 @@ class CouchDBClient:
         if (db, docid) in self._reported:
             return
         self._reported[db, docid] = True
-        self._log.warn(
+        _log.warn(
             "CouchDB document {db}/{docid} is nested too deeply to read; it opens nothing",
             db=db,
             docid=docid,

@@ -87,10 +87,11 @@ def build(settings: Settings, reactor: Any) -> Couchtoken:
         idle_timeout=settings.idle_timeout,
         upstream_timeout=settings.response_timeout,
     )
+    in_flight = InFlight(reactor, settings.max_downloads)
     app = DownloadApp(
         documents,
         delivery,
-        InFlight(reactor, settings.max_downloads),
+        in_flight,
         metrics=metrics,
         clock=reactor,
         operator_pages=ops.public_pages(with_metrics=settings.metrics_port is None),
@@ -99,7 +100,12 @@ def build(settings: Settings, reactor: Any) -> Couchtoken:
         throttle=GuessThrottle(reactor, settings.max_failures, trusted_proxies=settings.trusted_proxies),
     )
     site = DownloadSite(
-        app.resource(), metrics=metrics, log_format=settings.access_log_format, reactor=reactor
+        app.resource(),
+        metrics=metrics,
+        log_format=settings.access_log_format,
+        in_flight=in_flight,
+        http2=settings.http2,
+        reactor=reactor,
     )
     ops_site = Site(OpsApp(ops).resource(), reactor=reactor)
     ops_site.log = lambda request: None  # polled every few seconds: not worth a log line

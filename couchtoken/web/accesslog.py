@@ -6,6 +6,9 @@ is written as ``REDACTED`` (in the Referer too).  Lines come in Apache's
 combined format followed by the duration and the cache outcome, or as JSON
 objects (``--log-format json``).  Each ending request also updates the
 request metrics.  Polls of ``/_health`` and ``/_metrics`` are not logged.
+
+``DownloadSite`` also chooses the connections: the guarded HTTP/1.1 channel,
+and HTTP/2 where TLS's ALPN agrees on ``h2`` (unless turned off).
 """
 
 from __future__ import annotations
@@ -18,7 +21,11 @@ from urllib.parse import unquote_to_bytes
 from twisted.logger import Logger
 from twisted.web import server
 
+from couchtoken.web.answers import HTTPAnswer, set_common_headers, write_answer
 from couchtoken.web.channel import GuardedHTTPChannel
+from couchtoken.web.h2 import NegotiatingChannel
+from couchtoken.web.inflight import InFlight
+from couchtoken.web.limits import REASONS, refusal
 from couchtoken.web.metrics import Metrics
 
 _SHOWN_QUERY_KEYS = frozenset({b"download"})
@@ -60,6 +67,13 @@ class LoggedRequest(server.Request):
         self._started = self._clock.seconds()
         self._wall_started = time.time()
         self.notifyFinish().addBoth(self._ended)
+        status = refusal(self)  # HTTP/2: a stream's header block comes whole, checked here
+        if status is not None:
+            set_common_headers(self)
+            reason = REASONS[status]
+            self.write(write_answer(self, HTTPAnswer(status, reason.lower().replace(" ", "_"), reason)))
+            self.finish()
+            return
         super().process()
 
     def _ended(self, result: object) -> None:
@@ -106,19 +120,41 @@ class LoggedRequest(server.Request):
         return line if f["completed"] else line + " aborted"
 
 
+def _guarded_channel(site: DownloadSite) -> NegotiatingChannel:
+    return NegotiatingChannel(GuardedHTTPChannel())
+
+
 class DownloadSite(server.Site):
-    """A Site whose access log is ``LoggedRequest``'s redacted line, on guarded connections."""
+    """A Site whose access log is ``LoggedRequest``'s redacted line, on guarded connections.
+
+    ``in_flight`` is told of HTTP/2 connections, so that the drain can send
+    them GOAWAY.  With ``http2=False`` ALPN offers ``http/1.1`` only.
+    """
 
     requestFactory = LoggedRequest
-    protocol = GuardedHTTPChannel  # HTTP/1.1 only: no HTTP/2 negotiation wrapper
+    protocol = _guarded_channel
     displayTracebacks = False
 
     def __init__(
-        self, resource: Any, *, metrics: Metrics | None = None, log_format: str = "combined", **kw: Any
+        self,
+        resource: Any,
+        *,
+        metrics: Metrics | None = None,
+        log_format: str = "combined",
+        in_flight: InFlight | None = None,
+        http2: bool = True,
+        **kw: Any,
     ):
         super().__init__(resource, **kw)
         self.metrics = metrics
         self.log_format = log_format
+        self.in_flight = in_flight
+        self.http2 = http2
+
+    def acceptableProtocols(self) -> list[bytes]:
+        """What TLS's ALPN offers: ``h2`` (when on and installed), then ``http/1.1``."""
+        offered = super().acceptableProtocols()
+        return offered if self.http2 else [p for p in offered if p != b"h2"]
 
     def log(self, request: object) -> None:
         """Twisted's own line would print the token; ``LoggedRequest`` logs instead."""

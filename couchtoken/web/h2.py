@@ -1,0 +1,252 @@
+"""HTTP/2 on the public port: the guarded connection, and the channel that picks it by ALPN.
+
+Twisted's ``Site`` builds a ``_GenericHTTPChannelProtocol``, which starts as
+HTTP/1.1 and switches to Twisted's ``H2Connection`` when TLS's ALPN agreed on
+``h2``.  ``NegotiatingChannel`` does the same with our halves: the guarded
+HTTP/1.1 channel (``couchtoken.web.channel``) and ``GuardedH2Connection``.
+
+The guards of HTTP/1.1, over HTTP/2:
+
+- at most ``max_streams`` concurrent streams (SETTINGS_MAX_CONCURRENT_STREAMS;
+  the h2 library ends a connection that opens more with GOAWAY);
+- request header blocks are decoded up to h2's own 64 KiB bound (GOAWAY
+  beyond); the 414/431 limits of HTTP/1.1 are checked per stream by the
+  request (``couchtoken.web.limits``);
+- the header deadline: an incomplete frame, header block or request (a stream
+  whose END_STREAM has not come) may last ``header_timeout`` seconds, then
+  the connection goes away (GOAWAY, closed);
+- the idle timeout: a connection with no open stream for the site's
+  ``timeOut`` seconds goes away; PINGs and other control frames do not keep
+  it open (Twisted's own timer restarts on any frame);
+- while the network is blocked (the client does not read), every stream's
+  producer is paused, not only the streams whose flow-control window is
+  used up: memory stays flat whatever window the client announced;
+- ``drain()`` (SIGTERM) sends GOAWAY and lets the running streams finish,
+  then closes the connection.  The GOAWAY frame is written by hand: h2's
+  ``close_connection`` would refuse to send anything more, running streams
+  included.
+
+It reads two private attributes of h2's frame buffer (``_data``,
+``_headers_buffer``) to see an incomplete frame or header block; the header
+deadline tests fail if h2 renames them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import h2.errors
+import h2.events
+import h2.settings
+from hyperframe.frame import GoAwayFrame
+from twisted.internet.error import ConnectionLost
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web._http2 import H2Connection
+from twisted.web.http import _GenericHTTPChannelProtocol
+
+_log = Logger()
+
+# Connection-specific headers: forbidden in HTTP/2 (h2 refuses to send them).
+_HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"})
+MAX_CONCURRENT_STREAMS = 100
+MAX_HEADER_LIST_SIZE = 64 * 1024  # h2's own bound on a decoded header block
+
+
+class GuardedH2Connection(H2Connection):
+    """Twisted's ``H2Connection`` with the public port's guards (see the module's docstring)."""
+
+    header_timeout = 10.0
+    max_streams = MAX_CONCURRENT_STREAMS
+
+    def __init__(self, reactor: Any = None) -> None:
+        super().__init__(reactor)
+        self.conn.local_settings = h2.settings.Settings(
+            client=False,
+            initial_values={
+                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: self.max_streams,
+                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST_SIZE,
+            },
+        )
+        self._keepalive: float | None = None
+        self._deadline: Any = None
+        self._unfinished: set[int] = set()  # streams whose request has not ended yet
+        self._blocked = False
+        self.draining = False
+        self.closed = False
+
+    # Life of the connection.
+    def connectionMade(self) -> None:
+        self._keepalive = self.timeOut
+        super().connectionMade()
+        in_flight = getattr(self.site, "in_flight", None)
+        if in_flight is not None:
+            in_flight.connections.add(self)
+            if in_flight.draining:
+                self.drain()
+
+    def connectionLost(self, reason: Any, _cancelTimeouts: bool = True) -> None:
+        self.closed = True
+        self._cancel_deadline()
+        in_flight = getattr(self.site, "in_flight", None)
+        if in_flight is not None:
+            in_flight.connections.discard(self)
+        super().connectionLost(reason, _cancelTimeouts=_cancelTimeouts)
+
+    def loseConnection(self) -> None:
+        """Close once what is written is flushed (the transport waits for no producer)."""
+        if self.transport is None:
+            return
+        self.transport.unregisterProducer()
+        self.transport.loseConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        super().dataReceived(data)
+        self._watch_incomplete()
+
+    # The idle timeout: only while no stream is open.
+    def resetTimeout(self) -> None:
+        """Frames alone (PING, SETTINGS...) do not reset the idle timer; streams stop it."""
+
+    def timeoutConnection(self) -> None:
+        _log.info("Closing an idle HTTP/2 connection from {client}", client=self.transport.getPeer())
+        self._go_away(h2.errors.ErrorCodes.NO_ERROR, "idle")
+
+    def _requestReceived(self, event: h2.events.RequestReceived) -> None:
+        super()._requestReceived(event)
+        self.setTimeout(None)
+        self._unfinished.add(event.stream_id)  # until its StreamEnded, usually in the same batch
+
+    def _requestEnded(self, event: h2.events.StreamEnded) -> None:
+        self._unfinished.discard(event.stream_id)
+        super()._requestEnded(event)
+
+    def _requestDone(self, streamID: int) -> None:
+        self._unfinished.discard(streamID)
+        super()._requestDone(streamID)
+        if self.streams or self.closed:
+            return
+        if self.draining:
+            self.loseConnection()
+        elif self._keepalive is not None:
+            self.setTimeout(self._keepalive)
+
+    # The header deadline.
+    def _watch_incomplete(self) -> None:
+        if self.closed:
+            return
+        buffer = self.conn.incoming_buffer
+        incomplete = bool(
+            getattr(buffer, "_data", None) or getattr(buffer, "_headers_buffer", None) or self._unfinished
+        )
+        if incomplete and self._deadline is None:
+            self._deadline = self.callLater(self.header_timeout, self._too_slow)
+        elif not incomplete:
+            self._cancel_deadline()
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        _log.info(
+            "An HTTP/2 request from {client} did not arrive within {seconds:g}s; closing",
+            client=self.transport.getPeer(),
+            seconds=self.header_timeout,
+        )
+        self._go_away(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, "request too slow")
+
+    def _go_away(self, error_code: int, why: str) -> None:
+        """GOAWAY, flush, close, end the streams; cut the connection if the client keeps it open."""
+        if self.closed:
+            return
+        self.conn.close_connection(error_code=error_code)
+        self._tryToWriteControlData()
+        if self.abortTimeout is not None and self._abortingCall is None:
+            self._abortingCall = self.callLater(self.abortTimeout, self.forceAbortClient)
+        self.loseConnection()
+        self.connectionLost(Failure(ConnectionLost(why)), _cancelTimeouts=False)
+
+    # The drain.
+    def drain(self) -> None:
+        """Send GOAWAY: no new streams; close once the running ones are finished."""
+        if self.draining or self.closed:
+            return
+        self.draining = True
+        self._tryToWriteControlData()  # what h2 queued goes first
+        goaway = GoAwayFrame(stream_id=0, last_stream_id=self.conn.highest_inbound_stream_id, error_code=0)
+        self.transport.write(goaway.serialize())
+        if not self.streams:
+            self.loseConnection()
+
+    # Backpressure: a blocked network pauses every stream.
+    def pauseProducing(self) -> None:
+        super().pauseProducing()
+        self._blocked = True
+        for stream in list(self.streams.values()):
+            stream.flowControlBlocked()
+
+    def resumeProducing(self) -> None:
+        self._blocked = False
+        super().resumeProducing()
+        for stream in list(self.streams.values()):
+            stream.windowUpdated()
+
+    def _handleWindowUpdate(self, event: h2.events.WindowUpdated) -> None:
+        super()._handleWindowUpdate(event)
+        if self._blocked:  # the window opened, the network did not
+            for stream in list(self.streams.values()):
+                stream.flowControlBlocked()
+
+    def writeDataToStream(self, streamID: int, data: bytes) -> None:
+        super().writeDataToStream(streamID, data)
+        if self._blocked and streamID in self.streams:
+            self.streams[streamID].flowControlBlocked()
+
+    # Responses.
+    def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any, streamID: int) -> None:
+        headers = [(name, value) for name, value in headers if name.lower() not in _HOP_BY_HOP]
+        super().writeHeaders(version, code, reason, headers, streamID)
+
+    def abortRequest(self, streamID: int) -> None:
+        """RST_STREAM, once, for a stream still there; its request learns it is gone.
+
+        (Twisted's own reset forgets the request, which would wait for ever.)
+        """
+        stream = self.streams.get(streamID)
+        if stream is None:
+            return
+        super().abortRequest(streamID)
+        stream.connectionLost(Failure(ConnectionLost("stream reset by the server")))
+
+
+class NegotiatingChannel(_GenericHTTPChannelProtocol):
+    """HTTP/1.1 on ``GuardedHTTPChannel``; ``GuardedH2Connection`` when ALPN chose ``h2``."""
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._negotiatedProtocol is None:
+            if getattr(self._channel.transport, "negotiatedProtocol", None) == b"h2":
+                self._switch_to_h2()
+                self._negotiatedProtocol = b"h2"
+            else:
+                self._negotiatedProtocol = b"http/1.1"
+        self._channel.dataReceived(data)
+
+    def _switch_to_h2(self) -> None:
+        """What Twisted's own channel does on ``h2``, with the guarded connection."""
+        old = self._channel
+        network = old._networkProducer
+        network.unregisterProducer()
+        old.setTimeout(None)
+        transport = old.transport
+        channel = GuardedH2Connection(getattr(self._factory, "reactor", None))
+        channel.requestFactory = self._requestFactory
+        channel.site = self._site
+        channel.factory = self._factory
+        channel.timeOut = self._timeOut
+        channel.callLater = self._callLater
+        self._channel = channel
+        channel.makeConnection(transport)
+        network.registerProducer(channel, True)

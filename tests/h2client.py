@@ -29,6 +29,7 @@ class StreamState:
     body: bytearray = attrs.Factory(bytearray)
     ended: bool = False
     reset: int | None = None  # the RST_STREAM error code
+    reset_by_server: bool = True
 
 
 class H2Client:
@@ -71,21 +72,24 @@ class H2Client:
         self._flush()
         self.sock.sendall(frame.serialize())
 
-    def get(self, path: str, headers: list[tuple[str, str]] = (), method: str = "GET") -> int:
+    def get(
+        self, path: str, headers: list[tuple[str, str]] = (), method: str = "GET", end_stream: bool = True
+    ) -> int:
         stream_id = self.conn.get_next_available_stream_id()
         self.conn.send_headers(
             stream_id,
             [(":method", method), (":scheme", "https"), (":authority", "localhost"), (":path", path)]
             + list(headers),
-            end_stream=True,
+            end_stream=end_stream,
         )
         self.streams[stream_id] = StreamState()
         self._flush()
         return stream_id
 
     def ping(self) -> None:
-        self.conn.ping(b"12345678")
-        self._flush()
+        if self.goaway is None:
+            self.conn.ping(b"12345678")
+            self._flush()
 
     def release(self, stream_id: int, amount: int) -> None:
         """Give a stalled stream ``amount`` more bytes of window (a slow reader)."""
@@ -137,6 +141,7 @@ class H2Client:
             self.streams[event.stream_id].ended = True
         elif isinstance(event, h2.events.StreamReset):
             self.streams[event.stream_id].reset = event.error_code
+            self.streams[event.stream_id].reset_by_server = event.remote_reset
         elif isinstance(event, h2.events.ConnectionTerminated):
             self.goaway = event
         elif isinstance(event, h2.events.RemoteSettingsChanged):

@@ -69,6 +69,7 @@ class LoggedRequest(server.Request):
         self.notifyFinish().addBoth(self._ended)
         status = refusal(self)  # HTTP/2: a stream's header block comes whole, checked here
         if status is not None:
+            self.site = self.channel.site
             set_common_headers(self)
             reason = REASONS[status]
             self.write(write_answer(self, HTTPAnswer(status, reason.lower().replace(" ", "_"), reason)))

@@ -18,9 +18,11 @@ The guards of HTTP/1.1, over HTTP/2:
 - the idle timeout: a connection with no open stream for the site's
   ``timeOut`` seconds goes away; PINGs and other control frames do not keep
   it open (Twisted's own timer restarts on any frame);
-- while the network is blocked (the client does not read), every stream's
-  producer is paused, not only the streams whose flow-control window is
-  used up: memory stays flat whatever window the client announced;
+- backpressure per stream, whatever window the client announced: a
+  stream's producer (the relay) is paused while ``QUEUE_HIGH`` bytes wait
+  in its queue (Twisted sends one frame per reactor turn, and not at all
+  while the network is blocked), not only when its flow-control window is
+  used up, so memory stays flat even for a client that reads nothing;
 - ``drain()`` (SIGTERM) sends GOAWAY and lets the running streams finish,
   then closes the connection.  The GOAWAY frame is written by hand: h2's
   ``close_connection`` would refuse to send anything more, running streams
@@ -51,6 +53,9 @@ _log = Logger()
 _HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"})
 MAX_CONCURRENT_STREAMS = 100
 MAX_HEADER_LIST_SIZE = 64 * 1024  # h2's own bound on a decoded header block
+# A stream's producer pauses with this much queued and not yet sent, and resumes below QUEUE_LOW.
+QUEUE_HIGH = 128 * 1024
+QUEUE_LOW = 32 * 1024
 
 
 class GuardedH2Connection(H2Connection):
@@ -71,7 +76,7 @@ class GuardedH2Connection(H2Connection):
         self._keepalive: float | None = None
         self._deadline: Any = None
         self._unfinished: set[int] = set()  # streams whose request has not ended yet
-        self._blocked = False
+        self._held_back: set[int] = set()  # streams paused because their queue is full
         self.draining = False
         self.closed = False
 
@@ -159,15 +164,24 @@ class GuardedH2Connection(H2Connection):
         self._go_away(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, "request too slow")
 
     def _go_away(self, error_code: int, why: str) -> None:
-        """GOAWAY, flush, close, end the streams; cut the connection if the client keeps it open."""
+        """GOAWAY, then close as ``_terminate`` does."""
         if self.closed:
             return
         self.conn.close_connection(error_code=error_code)
-        self._tryToWriteControlData()
+        self._terminate(Failure(ConnectionLost(why)))
+
+    def _terminate(self, reason: Failure) -> None:
+        """Flush, close, end the streams; cut the connection if the client keeps it open.
+
+        (Twisted's own leaves the connection registered as the transport's
+        producer, so TLS never closes it: a client that does not close stays.)
+        """
+        if not self._tryToWriteControlData():
+            return  # aborted already
         if self.abortTimeout is not None and self._abortingCall is None:
             self._abortingCall = self.callLater(self.abortTimeout, self.forceAbortClient)
         self.loseConnection()
-        self.connectionLost(Failure(ConnectionLost(why)), _cancelTimeouts=False)
+        self.connectionLost(reason, _cancelTimeouts=False)
 
     # The drain.
     def drain(self) -> None:
@@ -181,29 +195,30 @@ class GuardedH2Connection(H2Connection):
         if not self.streams:
             self.loseConnection()
 
-    # Backpressure: a blocked network pauses every stream.
-    def pauseProducing(self) -> None:
-        super().pauseProducing()
-        self._blocked = True
-        for stream in list(self.streams.values()):
-            stream.flowControlBlocked()
-
-    def resumeProducing(self) -> None:
-        self._blocked = False
-        super().resumeProducing()
-        for stream in list(self.streams.values()):
-            stream.windowUpdated()
-
-    def _handleWindowUpdate(self, event: h2.events.WindowUpdated) -> None:
-        super()._handleWindowUpdate(event)
-        if self._blocked:  # the window opened, the network did not
-            for stream in list(self.streams.values()):
-                stream.flowControlBlocked()
-
+    # Backpressure: a stream's producer waits while its queue is full.
     def writeDataToStream(self, streamID: int, data: bytes) -> None:
         super().writeDataToStream(streamID, data)
-        if self._blocked and streamID in self.streams:
-            self.streams[streamID].flowControlBlocked()
+        stream = self.streams.get(streamID)
+        if stream is not None and self._queued(streamID) >= QUEUE_HIGH:
+            self._held_back.add(streamID)
+            stream.flowControlBlocked()
+
+    def _sendPrioritisedData(self, *args: Any) -> None:
+        super()._sendPrioritisedData(*args)
+        if self._held_back:
+            for streamID in list(self._held_back):
+                stream = self.streams.get(streamID)
+                if stream is None:
+                    self._held_back.discard(streamID)
+                elif self._queued(streamID) <= QUEUE_LOW:
+                    self._held_back.discard(streamID)
+                    stream.windowUpdated()  # resumes its producer if the window allows
+
+    def _queued(self, streamID: int) -> int:
+        """Bytes written to a stream and not yet sent (Twisted sends a frame per reactor turn)."""
+        return sum(
+            len(chunk) for chunk in self._outboundStreamQueues.get(streamID, ()) if isinstance(chunk, bytes)
+        )
 
     # Responses.
     def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any, streamID: int) -> None:

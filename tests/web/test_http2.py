@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import shutil
 import subprocess
 import time
 from typing import Any
@@ -31,29 +30,13 @@ from couchtoken.web.h2 import GuardedH2Connection
 from tests.faultproxy import Fault
 from tests.h2client import H2Client
 from tests.tlscert import ssl_port
+from tests.tools import require_curl_with_http2, require_tool
+from tests.twistproc import TwistProcess, rss_bytes
 from tests.waiting import wait_until
 
 TOKEN = "h2-token"
 SMALL = b"tiny bytes over h2\n" * 50
 LARGE_SIZE = 24 * 1024 * 1024
-
-
-def _tool(name: str, package: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"{name} is missing: .ci/run installs Debian's {package}")
-        pytest.skip(f"{name} is not installed (apt-get install {package})")
-    return path
-
-
-def _curl_path() -> str:
-    curl = _tool("curl", "curl")
-    if "HTTP2" not in subprocess.run([curl, "-V"], capture_output=True, text=True).stdout:
-        if os.environ.get("CI"):
-            pytest.fail("this curl has no HTTP/2 support")
-        pytest.skip("this curl has no HTTP/2 support")
-    return curl
 
 
 @attrs.define
@@ -122,7 +105,7 @@ def _run_curl(curl: str, args: tuple[str, ...]) -> tuple[str, int, bytes, str]:
 
 async def _curl(*args: str) -> tuple[str, int, bytes, str]:
     """``curl -sk ARGS``: (HTTP version, status, body, response headers)."""
-    return await threads.deferToThread(_run_curl, _curl_path(), args)
+    return await threads.deferToThread(_run_curl, require_curl_with_http2(), args)
 
 
 @pytest_twisted.ensureDeferred
@@ -371,7 +354,7 @@ async def test_an_upstream_dying_mid_body_resets_only_that_stream(tls_service, l
 
 @pytest_twisted.ensureDeferred
 async def test_h2load_4_connections_of_50_streams(tls_service, files):
-    h2load = _tool("h2load", "nghttp2-client")
+    h2load = require_tool("h2load", "nghttp2-client")
     url = tls_service.url(files, "doc", "small.txt", TOKEN)
     result = await _in_thread(
         lambda: subprocess.run(
@@ -386,3 +369,39 @@ async def test_h2load_4_connections_of_50_streams(tls_service, files):
         result.stdout[-2000:]
     )
     assert re.search(r"status codes: 2000 2xx", result.stdout), result.stdout[-2000:]
+
+
+@pytest.mark.slow
+def test_slow_http2_readers_keep_the_service_memory_flat(large, couch_server, tmp_path, capsys):
+    """A real ``twist`` on TLS; one connection, 4 streams of 24 MiB, a 2 GiB window, read at 600 kB/s."""
+    db, _ = large
+    service = TwistProcess(tmp_path / "twist.log", env={"COUCHDB_URL": couch_server.url}, tls_dir=tmp_path)
+    service.start()
+    try:
+        warm = H2Client(service.port)  # imports, pools and buffers
+        first = warm.get(_path(db, "small.txt"))
+        assert warm.until(lambda: warm.done(first), 10)
+        warm.close()
+        before = rss_bytes(service.process.pid)
+        client = H2Client(service.port, window=2**31 - 1)
+        streams = [client.get(_path(db, "large.bin")) for _ in range(4)]
+        started = time.monotonic()
+        while (elapsed := time.monotonic() - started) < 6:
+            read = sum(len(client.streams[s].body) for s in streams)
+            if read < 600_000 * elapsed:
+                assert client.pump(0.1)
+            else:
+                time.sleep(0.02)
+        after = rss_bytes(service.process.pid)
+        client.close()
+    finally:
+        service.stop()
+    growth = after - before
+    with capsys.disabled():
+        print(
+            f"\n[memory] one HTTP/2 connection read {read / 1e6:.1f} MB of 4 x 24 MiB in 6 s; service RSS "
+            f"{before / 2**20:.1f} -> {after / 2**20:.1f} MiB (growth {growth / 2**20:.2f} MiB)"
+        )
+    assert all(client.streams[s].status == 200 for s in streams)
+    assert read > 1_000_000
+    assert growth < 16 * 2**20

@@ -282,6 +282,35 @@ async def test_oversized_requests_get_414_or_431_on_their_stream(tls_service, fi
 
 
 @pytest_twisted.ensureDeferred
+@pytest.mark.parametrize(
+    "excess",
+    ["header-list", "streams"],
+)
+async def test_past_the_announced_limits_the_connection_goes_away(tls_service, files, excess):
+    """Headers over 64 KiB, or a 101st concurrent stream (sent before our SETTINGS arrived)."""
+
+    def exceed() -> tuple[bool, int | None]:
+        client = H2Client(tls_service.port)
+        try:
+            if excess == "header-list":
+                client.get(_path(files, "small.txt"), [(f"x-h{i}", "d" * 1000) for i in range(70)])
+            else:
+                for _ in range(101):
+                    client.get(_path(files, "small.txt"))
+            while client.pump(0.3) and client.goaway is None:
+                pass
+            client.until(lambda: client.closed, 5)
+            return client.closed, client.goaway and client.goaway.error_code
+        finally:
+            client.close()
+
+    closed, code = await _in_thread(exceed)
+    assert closed and code in (h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+    version, status, _, _ = await _curl("--http2", tls_service.url(files, "doc", "small.txt", TOKEN))
+    assert (version, status) == ("2", 200)
+
+
+@pytest_twisted.ensureDeferred
 @pytest.mark.parametrize("unfinished", ["header-block", "request"])
 async def test_slow_requests_lose_the_connection_and_others_are_served(
     tls_service, files, monkeypatch, unfinished

@@ -49,8 +49,6 @@ from twisted.web.http import _GenericHTTPChannelProtocol
 
 _log = Logger()
 
-# Connection-specific headers: forbidden in HTTP/2 (h2 refuses to send them).
-_HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"})
 MAX_CONCURRENT_STREAMS = 100
 MAX_HEADER_LIST_SIZE = 64 * 1024  # h2's own bound on a decoded header block
 # A stream's producer pauses with this much queued and not yet sent, and resumes below QUEUE_LOW.
@@ -87,8 +85,8 @@ class GuardedH2Connection(H2Connection):
         in_flight = getattr(self.site, "in_flight", None)
         if in_flight is not None:
             in_flight.connections.add(self)
-            if in_flight.draining:
-                self.drain()
+            if in_flight.draining:  # once registered as the transport's producer
+                self.callLater(0, self.drain)
 
     def connectionLost(self, reason: Any, _cancelTimeouts: bool = True) -> None:
         self.closed = True
@@ -219,11 +217,6 @@ class GuardedH2Connection(H2Connection):
         return sum(
             len(chunk) for chunk in self._outboundStreamQueues.get(streamID, ()) if isinstance(chunk, bytes)
         )
-
-    # Responses.
-    def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any, streamID: int) -> None:
-        headers = [(name, value) for name, value in headers if name.lower() not in _HOP_BY_HOP]
-        super().writeHeaders(version, code, reason, headers, streamID)
 
     def abortRequest(self, streamID: int) -> None:
         """RST_STREAM, once, for a stream still there; its request learns it is gone.

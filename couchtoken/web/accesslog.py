@@ -21,7 +21,7 @@ from urllib.parse import unquote_to_bytes
 from twisted.logger import Logger
 from twisted.web import server
 
-from couchtoken.web.answers import HTTPAnswer, set_common_headers, write_answer
+from couchtoken.web.answers import HTTPAnswer, write_answer
 from couchtoken.web.channel import GuardedHTTPChannel
 from couchtoken.web.h2 import NegotiatingChannel
 from couchtoken.web.inflight import InFlight
@@ -70,7 +70,6 @@ class LoggedRequest(server.Request):
         status = refusal(self)  # HTTP/2: a stream's header block comes whole, checked here
         if status is not None:
             self.site = self.channel.site
-            set_common_headers(self)
             reason = REASONS[status]
             self.write(write_answer(self, HTTPAnswer(status, reason.lower().replace(" ", "_"), reason)))
             self.finish()

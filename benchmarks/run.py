@@ -15,6 +15,11 @@ drift cancels out:
 - uncached: the same service with ``--cache-size 0 --blob-cache-bytes 0``,
   a document round trip per download, as the classic design does.
 
+Then warm 1 KiB downloads over TLS from a third service on an ``ssl:``
+port, HTTP/1.1 (``wrk``, 50 connections) against HTTP/2 (``h2load``,
+Debian's ``nghttp2-client``: 4 connections of 50 concurrent streams),
+alternated the same way; skipped if ``h2load`` is missing.
+
 Then a memory case: ten clients reading a large attachment at 100 KB/s,
 and the service's RSS growth.
 """
@@ -27,6 +32,7 @@ import os
 import re
 import shutil
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -67,10 +73,26 @@ def wrk(url: str, connections: int, seconds: int, headers: list[str]) -> dict[st
     }
 
 
+def h2load(url: str, connections: int, streams: int, seconds: int) -> dict[str, float]:
+    """HTTP/2 load: ``connections`` connections of ``streams`` concurrent streams for ``seconds``."""
+    command = ["h2load", f"-c{connections}", f"-m{streams}", f"-D{seconds}", "--warm-up-time=1", url]
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    assert "Application protocol: h2" in out, out
+    failed = re.search(r"(\d+) failed, (\d+) errored, (\d+) timeout", out)
+    codes = re.search(r"status codes: \d+ 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out)
+    mean = re.search(r"time for request:\s+\S+\s+\S+\s+([\d.]+)(us|ms|s)\b", out)
+    return {
+        "rps": float(re.search(r"finished in [\d.]+s, ([\d.]+) req/s", out).group(1)),
+        "mean_ms": float(mean.group(1)) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[mean.group(2)],
+        "non2xx": sum(int(n) for n in codes.groups()) + sum(int(n) for n in failed.groups()),
+    }
+
+
 def status_of(url: str, headers: dict[str, str]) -> int:
     request = urllib.request.Request(url, headers=headers)
+    context = ssl._create_unverified_context() if url.startswith("https:") else None
     try:
-        with urllib.request.urlopen(request, timeout=30) as response:
+        with urllib.request.urlopen(request, timeout=30, context=context) as response:
             response.read()
             return response.status
     except urllib.error.HTTPError as error:
@@ -101,7 +123,9 @@ def main() -> None:
         default=64,
         help="attachment size for the memory case (0 skips it); PouchDB Server 4.2 fails above ~100 MiB",
     )
-    parser.add_argument("--cases", default="", help="comma-separated case prefixes to run (default: all)")
+    parser.add_argument(
+        "--cases", default="", help="comma-separated case prefixes to run, e.g. 1,tls (default: all)"
+    )
     add_server_options(parser)
     args = parser.parse_args()
     if shutil.which("wrk") is None:
@@ -139,6 +163,17 @@ def run(args: argparse.Namespace, admin: CouchAdmin, url: str, work: Path) -> No
             service.start()
             services.append(service)
         cached, uncached = services
+        tls = None
+        if shutil.which("h2load") is not None:
+            (work / "tls").mkdir()
+            tls = TwistProcess(
+                work / "tls.log",
+                ["--max-downloads", "10000", "--max-failures", "0"],
+                env=env,
+                tls_dir=work / "tls",
+            )
+            tls.start()
+            services.append(tls)
         user, password = admin.user or "", admin.password or ""
         auth = "Authorization: Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
         bad_auth = "Authorization: Basic " + base64.b64encode(f"{user}:wrong".encode()).decode()
@@ -158,6 +193,10 @@ def run(args: argparse.Namespace, admin: CouchAdmin, url: str, work: Path) -> No
             url, headers = target(name, SMALL)
             for _ in range(3):
                 assert status_of(url, dict(h.split(": ", 1) for h in headers)) == 200
+        tls_url = f"{tls.base_url}/{DB}/{DOC}/{SMALL}?token={TOKEN}" if tls else None
+        if tls_url:
+            for _ in range(3):
+                assert status_of(tls_url, {}) == 200
         time.sleep(6)
         for name in TARGETS:
             for attachment in (SMALL, LARGE):
@@ -211,6 +250,32 @@ def run(args: argparse.Namespace, admin: CouchAdmin, url: str, work: Path) -> No
         if "1 KiB, 50 conn" in cases:
             p99 = [median("1 KiB, 50 conn", name, "p99_ms") for name in TARGETS]
             print(f"{'1 KiB p99 (ms)':<16}" + "".join(f"{v:>12.1f}" for v in p99))
+        tls_cases = [] if wanted and not any("tls".startswith(w) for w in wanted) else ["tls"]
+        if tls_url and tls_cases:
+            # Warm 1 KiB over TLS: wrk's HTTP/1.1 beside h2load's HTTP/2, alternated.
+            h1: list[dict[str, float]] = []
+            h2: list[dict[str, float]] = []
+            for _ in range(args.rounds):
+                h1.append(wrk(tls_url, 50, args.seconds, []))
+                h2.append(h2load(tls_url, 4, 50, args.seconds))
+            h1_rps = statistics.median(r["rps"] for r in h1)
+            h2_rps = statistics.median(r["rps"] for r in h2)
+            print(f"\n{'warm 1 KiB over TLS (one service)':<40}{'req/s':>10}{'non-2xx':>10}")
+            print("-" * 60)
+            print(
+                f"{'HTTP/1.1, wrk, 50 connections':<40}{h1_rps:>10.0f}{sum(r['non2xx'] for r in h1):>10.0f}"
+            )
+            print(
+                f"{'HTTP/2, h2load, 4 conn x 50 streams':<40}{h2_rps:>10.0f}"
+                f"{sum(r['non2xx'] for r in h2):>10.0f}"
+            )
+            print(
+                f"HTTP/2 / HTTP/1.1: {h2_rps / h1_rps:.2f}x; p99 HTTP/1.1 "
+                f"{statistics.median(r['p99_ms'] for r in h1):.1f} ms, mean HTTP/2 "
+                f"{statistics.median(r['mean_ms'] for r in h2):.1f} ms"
+            )
+        elif tls_cases:
+            print("\n(h2load is missing: apt-get install nghttp2-client for the HTTP/2 case)")
         peak = 0
         for line in Path(f"/proc/{cached.process.pid}/status").read_text().splitlines():
             if line.startswith("VmHWM:"):

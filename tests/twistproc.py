@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from couchtoken.dev.pouchdb import ROOT, free_port
+from tests.tlscert import ssl_port
 
 
 def rss_bytes(pid: int) -> int:
@@ -22,7 +23,11 @@ def rss_bytes(pid: int) -> int:
 
 
 class TwistProcess:
-    """``twist couchtoken --port tcp:<free>:interface=127.0.0.1 [args]`` with the source tree's plugin."""
+    """``twist couchtoken --port tcp:<free>:interface=127.0.0.1 [args]`` with the source tree's plugin.
+
+    With ``tls_dir``, the port is ``ssl:`` with a fresh self-signed certificate kept there;
+    ``descriptors`` lowers the process's soft limit on open file descriptors.
+    """
 
     def __init__(
         self,
@@ -30,10 +35,12 @@ class TwistProcess:
         args: list[str] = (),
         env: dict[str, str] | None = None,
         descriptors: int | None = None,
+        tls_dir: Path | None = None,
     ) -> None:
-        """``descriptors`` lowers the process's soft limit on open file descriptors."""
         self.port = free_port()
         self.descriptors = descriptors
+        self.scheme = "http" if tls_dir is None else "https"
+        listen = f"tcp:{self.port}:interface=127.0.0.1" if tls_dir is None else ssl_port(tls_dir, self.port)
         self.log_path = log_path
         twist = Path(sys.executable).with_name("twist")
         command = [str(twist)] if twist.exists() else [sys.executable, "-m", "twisted"]
@@ -42,7 +49,7 @@ class TwistProcess:
             "text",
             "couchtoken",
             "--port",
-            f"tcp:{self.port}:interface=127.0.0.1",
+            listen,
             *args,
         ]
         self.env = {**os.environ, **(env or {}), "PYTHONPATH": str(ROOT)}
@@ -50,7 +57,7 @@ class TwistProcess:
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 30) -> None:
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child

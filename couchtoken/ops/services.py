@@ -100,10 +100,11 @@ def build(settings: Settings, reactor: Any) -> Couchtoken:
         idle_timeout=settings.idle_timeout,
         upstream_timeout=settings.response_timeout,
     )
+    in_flight = InFlight(reactor, settings.max_downloads)
     app = DownloadApp(
         documents,
         delivery,
-        InFlight(reactor, settings.max_downloads),
+        in_flight,
         metrics=metrics,
         clock=reactor,
         operator_pages=ops.public_pages(with_metrics=settings.metrics_port is None),
@@ -121,6 +122,8 @@ def build(settings: Settings, reactor: Any) -> Couchtoken:
         metrics=metrics,
         log_format=settings.access_log_format,
         connections=connections,
+        in_flight=in_flight,
+        http2=settings.http2,
         reactor=reactor,
     )
     ops_site = Site(OpsApp(ops).resource(), reactor=reactor)

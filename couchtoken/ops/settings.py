@@ -44,6 +44,7 @@ class Settings:
     max_failures: int = 30
     max_client_failures: int = 300
     trusted_proxies: tuple[str, ...] = ()
+    http2: bool = True
 
     def describe(self) -> str:
         """One line for the start-up log, credentials masked."""
@@ -58,5 +59,5 @@ class Settings:
             f"drain_timeout={self.drain_timeout}s log_format={self.access_log_format} "
             f"metrics_port={self.metrics_port or 'public port'} "
             f"blob_cache_bytes={self.blob_cache_bytes} blob_cache_max_item={self.blob_cache_max_item} "
-            f"databases={','.join(self.databases) or '*'}"
+            f"databases={','.join(self.databases) or '*'} http2={'on' if self.http2 else 'off'}"
         )

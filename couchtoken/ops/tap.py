@@ -287,6 +287,10 @@ class Options(usage.Options):
         ],
     ]
 
+    optFlags = [
+        ["no-http2", None, "Offer only HTTP/1.1 on TLS ports (by default ALPN offers h2 first)."],
+    ]
+
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
         super().__init__()
         self._environ = os.environ if environ is None else environ
@@ -340,6 +344,7 @@ class Options(usage.Options):
                 max_failures=self["max-failures"],
                 max_client_failures=self["max-client-failures"],
                 trusted_proxies=_networks("trusted-proxies", self["trusted-proxies"]),
+                http2=not self["no-http2"],
             )
         except ConfigError as exc:
             raise usage.UsageError(str(exc)) from None

@@ -9,6 +9,9 @@ a terminal or forge a log line.  Lines come in Apache's
 combined format followed by the duration and the cache outcome, or as JSON
 objects (``--log-format json``).  Each ending request also updates the
 request metrics.  Polls of ``/_health`` and ``/_metrics`` are not logged.
+
+``DownloadSite`` also chooses the connections: the guarded HTTP/1.1 channel,
+and HTTP/2 where TLS's ALPN agrees on ``h2`` (unless turned off).
 """
 
 from __future__ import annotations
@@ -22,8 +25,12 @@ from urllib.parse import unquote_to_bytes
 from twisted.logger import Logger
 from twisted.web import server
 
+from couchtoken.web.answers import HTTPAnswer, write_answer
 from couchtoken.web.channel import GuardedHTTPChannel
 from couchtoken.web.connections import ConnectionLimit
+from couchtoken.web.h2 import NegotiatingChannel
+from couchtoken.web.inflight import InFlight
+from couchtoken.web.limits import REASONS, refusal
 from couchtoken.web.metrics import Metrics
 
 _SHOWN_QUERY_KEYS = frozenset({b"download"})
@@ -72,6 +79,13 @@ class LoggedRequest(server.Request):
         self._started = self._clock.seconds()
         self._wall_started = time.time()
         self.notifyFinish().addBoth(self._ended)
+        status = refusal(self)  # HTTP/2: a stream's header block comes whole, checked here
+        if status is not None:
+            self.site = self.channel.site
+            reason = REASONS[status]
+            self.write(write_answer(self, HTTPAnswer(status, reason.lower().replace(" ", "_"), reason)))
+            self.finish()
+            return
         super().process()
 
     def _ended(self, result: object) -> None:
@@ -118,14 +132,20 @@ class LoggedRequest(server.Request):
         return line if f["completed"] else line + " aborted"
 
 
+def _guarded_channel(site: DownloadSite) -> NegotiatingChannel:
+    return NegotiatingChannel(GuardedHTTPChannel())
+
+
 class DownloadSite(server.Site):
     """A Site whose access log is ``LoggedRequest``'s redacted line, on guarded connections.
 
     Past ``connections.limit`` open connections, new ones are closed as soon as they are accepted.
+    ``in_flight`` is told of HTTP/2 connections, so that the drain can send
+    them GOAWAY.  With ``http2=False`` ALPN offers ``http/1.1`` only.
     """
 
     requestFactory = LoggedRequest
-    protocol = GuardedHTTPChannel  # HTTP/1.1 only: no HTTP/2 negotiation wrapper
+    protocol = _guarded_channel
     displayTracebacks = False
 
     def __init__(
@@ -135,12 +155,16 @@ class DownloadSite(server.Site):
         metrics: Metrics | None = None,
         log_format: str = "combined",
         connections: ConnectionLimit | None = None,
+        in_flight: InFlight | None = None,
+        http2: bool = True,
         **kw: Any,
     ):
         super().__init__(resource, **kw)
         self.metrics = metrics
         self.log_format = log_format
         self.connections = connections or ConnectionLimit(None)
+        self.in_flight = in_flight
+        self.http2 = http2
 
     def buildProtocol(self, addr: Any) -> Any:
         if not self.connections.admit():
@@ -152,6 +176,11 @@ class DownloadSite(server.Site):
 
     def connection_closed(self) -> None:
         self.connections.closed()
+
+    def acceptableProtocols(self) -> list[bytes]:
+        """What TLS's ALPN offers: ``h2`` (when on and installed), then ``http/1.1``."""
+        offered = super().acceptableProtocols()
+        return offered if self.http2 else [p for p in offered if p != b"h2"]
 
     def log(self, request: object) -> None:
         """Twisted's own line would print the token; ``LoggedRequest`` logs instead."""

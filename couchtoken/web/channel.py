@@ -1,4 +1,4 @@
-"""The HTTP connection of the public port, guarded against hostile clients.
+"""The HTTP/1.1 connection of the public port, guarded against hostile clients.
 
 - A request line longer than ``MAX_REQUEST_LINE`` bytes gets 414, request
   headers larger than ``MAX_HEADER_BYTES`` get 431 (Twisted would answer a
@@ -15,6 +15,8 @@
 - The Site counts its open connections (``opened``/``closed`` on the
   factory, when it has them), so it can refuse new ones before the process
   runs out of file descriptors.
+
+HTTP/2 has its own guarded connection (``couchtoken.web.h2``).
 """
 
 from __future__ import annotations
@@ -24,19 +26,14 @@ from typing import Any
 
 from twisted.web.http import HTTPChannel
 
-_REASONS = {
-    408: b"Request Timeout",
-    413: b"Content Too Large",
-    414: b"URI Too Long",
-    431: b"Request Header Fields Too Large",
-}
+from couchtoken.web.limits import MAX_HEADER_BYTES, MAX_REQUEST_LINE, REASONS
 
 
 class GuardedHTTPChannel(HTTPChannel):
     """``HTTPChannel`` with 413/414/431 limits and a deadline for request headers."""
 
-    MAX_REQUEST_LINE = 8 * 1024
-    MAX_HEADER_BYTES = 16 * 1024
+    MAX_REQUEST_LINE = MAX_REQUEST_LINE
+    MAX_HEADER_BYTES = MAX_HEADER_BYTES
     MAX_LENGTH = MAX_HEADER_BYTES  # LineReceiver: the longest line it will buffer
     header_timeout = 10.0
 
@@ -116,7 +113,7 @@ class GuardedHTTPChannel(HTTPChannel):
         if self._refused:
             return
         self._refused = True
-        reason = _REASONS[status]
+        reason = REASONS[status].encode()
         body = json.dumps(
             {"error": reason.decode().lower().replace(" ", "_"), "reason": reason.decode()}
         ).encode()

@@ -9,8 +9,9 @@ servers that ignore ``Range`` (PouchDB Server).
 Endings:
 - upstream body complete: the returned Deferred fires and the response is
   finished normally;
-- upstream dies mid-body: the client connection is aborted, so the client
-  sees a broken response, never a short body that looks complete;
+- upstream dies mid-body: the client connection is aborted (over HTTP/2,
+  the request's stream is reset), so the client sees a broken response,
+  never a short body that looks complete;
 - client goes away (the Deferred is cancelled): the upstream connection is
   closed at once instead of being drained;
 - client stops reading: after ``idle_timeout`` seconds paused, the client
@@ -33,6 +34,8 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.iweb import IRequest, IResponse
 from zope.interface import implementer
+
+from couchtoken.web.abort import abort_response
 
 _log = Logger()
 
@@ -157,9 +160,7 @@ class BodyRelay(Protocol):
         self._abort_client()
 
     def _abort_client(self) -> None:
-        transport = getattr(self._request, "transport", None)
-        if transport is not None:
-            transport.abortConnection()
+        abort_response(self._request)
 
     @staticmethod
     def _cancel(call: Any) -> None:

@@ -24,6 +24,7 @@ from couchtoken.access.names import AttachmentPath, BadPath, parse_download_path
 from couchtoken.access.throttle import Attempt, GuessThrottle, Throttled
 from couchtoken.upstream.cache import DocumentCache
 from couchtoken.upstream.client import UpstreamError
+from couchtoken.web.abort import abort_response
 from couchtoken.web.answers import HTTPAnswer, forbidden, set_common_headers, write_answer
 from couchtoken.web.credentials import Credential, read_credential
 from couchtoken.web.delivery import Delivery, StaleRevision
@@ -108,7 +109,7 @@ class DownloadApp:
             self._log.failure("Unexpected error while serving a download")
             if request.startedWriting:
                 # Too late for an error status: break the response off.
-                request.transport.abortConnection()
+                abort_response(request)
                 return await Deferred()  # cancelled when the connection is gone
             return write_answer(request, HTTPAnswer(500, "internal_error", "internal error"))
         finally:

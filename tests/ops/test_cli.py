@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -130,6 +132,29 @@ def test_twist_couchtoken_serves_downloads(couch_server, admin, db, tmp_path):
     assert "token=REDACTED" in log
     assert TOKEN not in log
     assert password not in log
+
+
+def _alpn(port: int) -> str | None:
+    """What the server picks when a client offers h2 and http/1.1."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.set_alpn_protocols(["h2", "http/1.1"])
+    with context.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10)) as sock:
+        return sock.selected_alpn_protocol()
+
+
+@pytest.mark.parametrize(("argv", "chosen"), [([], "h2"), (["--no-http2"], "http/1.1")])
+def test_a_tls_port_offers_h2_unless_turned_off(couch_server, tmp_path, argv, chosen):
+    service = TwistProcess(
+        tmp_path / "twist.log", argv, env={"COUCHDB_URL": couch_server.url}, tls_dir=tmp_path
+    )
+    service.start()
+    try:
+        assert _alpn(service.port) == chosen
+    finally:
+        service.stop()
+    assert ("http2=off" if argv else "http2=on") in service.log()
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,9 @@ with awkward names too), fetch()es with Range and the token in a header and read
 the exposed Content-Range and ETag, plays and seeks an <audio> WAV (the
 browser's own Range requests), fetch()es a signed link made with Web Crypto,
 and loads a sandboxed SVG whose script must not run.  It writes its findings into the DOM; the test reads
-them with ``--dump-dom``.  Skipped where no Chromium is installed (.ci/run
+them with ``--dump-dom``.  A second page, on the service's TLS port, loads
+50 token ``<img>`` links and reads each one's ``nextHopProtocol`` (``h2``).
+Skipped where no Chromium is installed (.ci/run
 installs Debian's ``chromium``, and under CI a missing Chromium fails).
 """
 
@@ -22,15 +24,20 @@ import struct
 import subprocess
 import wave
 import zlib
+from typing import Any
 
 import pytest
 import pytest_twisted
 from twisted.internet import reactor, threads
+from twisted.internet.endpoints import serverFromString
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 from twisted.web.static import Data
 
 from couchtoken.dev.pouchdb import ROOT
+from couchtoken.web.accesslog import DownloadSite
+from tests.http import service_url
+from tests.tlscert import ssl_port
 
 TOKEN = "browser-token-0123456789"
 # A slash in the doc id and in the attachment name, "+", space, é, "?", "#".
@@ -143,34 +150,38 @@ def _need_chromium() -> None:
         pytest.skip("Chromium is not installed (apt-get install chromium)")
 
 
+async def _chromium_results(tmp_path, url: str, *extra: str) -> dict:
+    """Load ``url`` in headless Chromium; what the page wrote into ``<pre id="results">``."""
+    command = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--autoplay-policy=no-user-gesture-required",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--virtual-time-budget=8000",
+        *extra,
+        "--dump-dom",
+        url,
+    ]
+    result = await threads.deferToThread(subprocess.run, command, capture_output=True, text=True, timeout=120)
+    match = re.search(r'<pre id="results">(.*?)</pre>', result.stdout, re.S)
+    assert match, result.stdout[-2000:] + result.stderr[-2000:]
+    return json.loads(match.group(1).replace("&quot;", '"').replace("&amp;", "&"))
+
+
 async def _run_page(root: Resource, tmp_path) -> dict:
     """Serve ``root`` on another origin, load its page in headless Chromium, return what it reported."""
     page = reactor.listenTCP(0, Site(root), interface="127.0.0.1")
     try:
-        command = [
-            CHROMIUM,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--autoplay-policy=no-user-gesture-required",
-            f"--user-data-dir={tmp_path / 'profile'}",
-            "--virtual-time-budget=8000",
-            "--dump-dom",
-            f"http://127.0.0.1:{page.getHost().port}/",
-        ]
-        result = await threads.deferToThread(
-            subprocess.run, command, capture_output=True, text=True, timeout=120
-        )
+        return await _chromium_results(tmp_path, f"http://127.0.0.1:{page.getHost().port}/")
     finally:
         await page.stopListening()
-    match = re.search(r'<pre id="results">(.*?)</pre>', result.stdout, re.S)
-    assert match, result.stdout[-2000:] + result.stderr[-2000:]
-    return json.loads(match.group(1).replace("&quot;", '"').replace("&amp;", "&"))
 
 
 @pytest_twisted.ensureDeferred
@@ -258,3 +269,65 @@ async def test_no_stored_type_runs_script_in_the_service_origin(service, admin, 
     for name in STORED_TYPES:
         assert found.get(f"control-{name}") == "ran", (name, found)  # the script is live...
         assert f"served-{name}" not in found, (name, found)  # ...and couchtoken's copy did not run
+
+
+IMAGES_PAGE = """<!doctype html><html><body><pre id="results">pending</pre>
+<script>
+const links = %(links)s;
+let loaded = 0, failed = 0;
+function report() {
+  const entries = performance.getEntriesByType("resource").filter((e) => e.name.includes("/pixel"));
+  document.getElementById("results").textContent = JSON.stringify({
+    loaded, failed, protocols: entries.map((e) => e.nextHopProtocol)});
+}
+for (const link of links) {
+  const img = new Image();
+  img.onload = () => { loaded += 1; if (loaded + failed === links.length) report(); };
+  img.onerror = () => { failed += 1; if (loaded + failed === links.length) report(); };
+  img.src = link;
+  document.body.appendChild(img);
+}
+setTimeout(report, 8000);
+</script></body></html>"""
+
+
+class _PageBeside(Resource):
+    """The download route, plus one page at ``/page.html`` on the same origin.
+
+    Resource Timing shows ``nextHopProtocol`` to the page's own origin only
+    (the service sends no ``Timing-Allow-Origin``), so the test page is
+    served by the same TLS port as the images.
+    """
+
+    def __init__(self, downloads: Resource, page: bytes) -> None:
+        super().__init__()
+        self._downloads = downloads
+        self.putChild(b"page.html", Data(page, "text/html"))
+
+    def getChild(self, name: bytes, request: Any) -> Resource:
+        request.postpath.insert(0, request.prepath.pop())  # the route reads the whole path
+        return self._downloads
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_browser_loads_50_token_images_over_http2(start_service, admin, db, tmp_path):
+    """A page of 50 <img> token links on the TLS port: all load, each over h2 (one connection, not six)."""
+    _need_chromium()
+    admin.put(db, "doc", {"download_token": TOKEN})
+    for i in range(50):
+        admin.put_attachment(db, "doc", f"pixel{i}.png", png_1x1(), "image/png")
+    service = await start_service()
+    links = [service_url("", db, "doc", f"pixel{i}.png", TOKEN) for i in range(50)]
+    page = (IMAGES_PAGE % {"links": json.dumps(links)}).encode()
+    site = DownloadSite(
+        _PageBeside(service.app.app.resource(), page), in_flight=service.app.app.in_flight, reactor=reactor
+    )
+    tls = await serverFromString(reactor, ssl_port(tmp_path)).listen(site)
+    try:
+        url = f"https://127.0.0.1:{tls.getHost().port}/page.html"
+        found = await _chromium_results(tmp_path, url, "--ignore-certificate-errors")
+    finally:
+        await tls.stopListening()
+    print("\n[browser h2]", found["loaded"], "loaded,", sorted(set(found["protocols"])))
+    assert (found["loaded"], found["failed"]) == (50, 0), found
+    assert found["protocols"] == ["h2"] * 50, found

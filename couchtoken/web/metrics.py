@@ -33,6 +33,13 @@ LIVE_FIGURES = {
     "blob_cache_hits": ("counter", "Attachment bodies answered from memory."),
     "blob_cache_misses": ("counter", "Small attachment bodies that had to come from CouchDB."),
     "blob_cache_bytes": ("gauge", "Bytes of attachment bodies held in memory."),
+    "disk_cache_hits": ("counter", "Attachment bodies answered from the disk cache."),
+    "disk_cache_misses": ("counter", "Bodies the disk cache would hold that had to come from CouchDB."),
+    "disk_cache_bytes": ("gauge", "Bytes of files held by the disk cache."),
+    "disk_cache_fills": ("counter", "Files written to the disk cache."),
+    "disk_cache_fill_failures": ("counter", "Disk cache fills dropped (cut, failed, mismatched)."),
+    "disk_cache_evictions": ("counter", "Disk cache files removed for room or a deleted database."),
+    "disk_cache_fallbacks": ("counter", "Disk cache I/O errors or bad files; CouchDB served instead."),
     "cache_entries": ("gauge", "Documents in the cache."),
     "feeds_connected": ("gauge", "_changes feeds connected and live."),
 }

@@ -22,6 +22,7 @@ Endings:
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Callable
 from typing import Any
 
@@ -37,6 +38,12 @@ from zope.interface import implementer
 _log = Logger()
 
 
+class Tee(typing.Protocol):
+    """Something that keeps a copy of what is sent: a list, or a disk cache fill."""
+
+    def append(self, data: bytes, /) -> None: ...
+
+
 @implementer(IPushProducer)
 class BodyRelay(Protocol):
     """Relays ``[skip, skip + limit)`` of an upstream body into ``request``."""
@@ -50,7 +57,7 @@ class BodyRelay(Protocol):
         clock: Any = None,
         idle_timeout: float | None = None,
         on_idle: Callable[[], None] = lambda: None,
-        tee: list[bytes] | None = None,
+        tee: Tee | None = None,
         upstream_timeout: float | None = None,
     ) -> None:
         self._request = request
@@ -193,7 +200,7 @@ def relay_body(
     """Start relaying ``response``'s body; the Deferred fires when it is all sent.
 
     ``extra`` takes ``clock``, ``idle_timeout``, ``on_idle``, ``upstream_timeout``
-    and ``tee`` (a list that collects what is sent); see ``BodyRelay``.
+    and ``tee`` (a ``Tee`` that gets a copy of what is sent); see ``BodyRelay``.
     """
     relay = BodyRelay(request, skip, limit, **extra)
     response.deliverBody(relay)

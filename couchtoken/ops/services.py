@@ -15,7 +15,7 @@ from couchtoken.ops.settings import Settings
 from couchtoken.upstream.blobs import BlobCache
 from couchtoken.upstream.cache import DocumentCache
 from couchtoken.upstream.client import CouchDBClient
-from couchtoken.upstream.diskcache import DiskCache, DiskCacheService
+from couchtoken.upstream.diskcache import DiskCache, DiskCacheService, disk_threads
 from couchtoken.upstream.feeds import FeedManager
 from couchtoken.web.accesslog import DownloadSite
 from couchtoken.web.delivery import Delivery
@@ -63,7 +63,13 @@ def build(settings: Settings, reactor: Any) -> Couchtoken:
     feeds.on_change = documents.evict
     feeds.on_gap = documents.drop_database
     blobs = BlobCache(settings.blob_cache_bytes, settings.blob_cache_max_item)
-    disk = DiskCache(settings.disk_cache_dir, settings.disk_cache_bytes, settings.disk_cache_max_item)
+    threads, run_in_thread = disk_threads(reactor)
+    disk = DiskCache(
+        settings.disk_cache_dir,
+        settings.disk_cache_bytes,
+        settings.disk_cache_max_item,
+        run_in_thread=run_in_thread,
+    )
     # Files are keyed by digest and served only after a fresh token check, so a feed gap
     # changes nothing about them; a deleted database's files are of no more use.
     feeds.on_gone = disk.drop_database
@@ -118,7 +124,7 @@ def build(settings: Settings, reactor: Any) -> Couchtoken:
     ops_site = Site(OpsApp(ops).resource(), reactor=reactor)
     ops_site.log = lambda request: None  # polled every few seconds: not worth a log line
     service = MultiService()
-    DiskCacheService(disk).setServiceParent(service)
+    DiskCacheService(disk, threads).setServiceParent(service)
     CouchDBClientService(client, settings, reactor).setServiceParent(service)
     feeds.setServiceParent(service)
     DrainService(app.in_flight, settings.drain_timeout).setServiceParent(service)

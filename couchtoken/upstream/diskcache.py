@@ -19,28 +19,31 @@ Any I/O error (disk full, the directory gone, a read error, a file of the
 wrong size) drops the file and the download is served from CouchDB; it is
 counted in ``fallbacks``.
 
-All of this runs on the reactor thread except the start-up checks: opening,
-``fstat``, writing 64 KiB chunks to the page cache, ``rename`` and ``unlink``
-are short system calls (there is no ``fsync``: a file torn by a crash fails
-its check at the next start).
+On the reactor thread: the index, ``open``, ``fstat``, ``rename`` and
+``unlink`` (short system calls) and the 64 KiB ``pread`` calls that serve a
+file (fast from the page cache; a read that must wait for the disk holds the
+reactor that long).  In the cache's own threads: writing a fill and its MD5
+check (``diskfill``), and the start-up checks.  There is no ``fsync``: a
+file torn by a crash fails its check at the next start.
 """
 
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import shutil
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
+from functools import partial
 from typing import IO, Any
 
 import attrs
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.threads import deferToThread
+from twisted.internet.threads import deferToThread, deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
 
 from couchtoken.access.attachments import AttachmentInfo
 from couchtoken.upstream.diskfiles import (
@@ -56,6 +59,7 @@ from couchtoken.upstream.diskfiles import (
     looks_like_file_name,
     read_header,
 )
+from couchtoken.upstream.diskfill import DiskFill
 
 _log = Logger()
 RunInThread = Callable[..., Deferred]
@@ -138,6 +142,11 @@ class DiskCache:
     def __len__(self) -> int:
         return len(self._index)
 
+    @property
+    def filling(self) -> int:
+        """Fills under way (being written, or being checked)."""
+        return len(self._filling)
+
     def _path(self, *parts: str) -> str:
         assert self.directory is not None
         return os.path.join(self.directory, *parts)
@@ -211,27 +220,31 @@ class DiskCache:
         handle: IO[bytes] | None = None
         try:
             try:
-                handle = open(tmp_path, "xb")  # noqa: SIM115 - the fill owns it until commit or abandon
+                handle = open(tmp_path, "xb+")  # noqa: SIM115 - the fill owns it until commit or abandon
             except FileNotFoundError:
                 self._make_directories()
-                handle = open(tmp_path, "xb")  # noqa: SIM115
+                handle = open(tmp_path, "xb+")  # noqa: SIM115
             handle.write(encoded)
         except OSError as exc:
             if handle is not None:
-                _close_and_unlink(handle, tmp_path)
+                handle.close()
+                _remove_path(tmp_path)
             self._write_failed(exc)
             self.fill_failures += 1
             return None
         fill = DiskFill(
-            self,
             key,
             handle,
             tmp_path,
+            self._path(DATA, file_name(key)),
             size=size,
             offset=len(encoded),
             length=info.length,
             md5_position=Header.md5_position(encoded),
             expected_md5=digest_md5(key[3]) if identity else None,
+            run_in_thread=self._run_in_thread,
+            on_end=self._fill_ended,
+            stopping=lambda: self._stopping,
         )
         self._filling[key] = fill
         self._reserved += size
@@ -268,7 +281,7 @@ class DiskCache:
             _log.warn(
                 "Disk cache cannot write{full}: {error}; downloads come from CouchDB until it can",
                 full=full,
-                error=exc.strerror or type(exc).__name__,
+                error=exc.strerror or str(exc) or type(exc).__name__,
             )
 
     # Bounds and removal.
@@ -419,95 +432,6 @@ class DiskCache:
         self._stopping = True
 
 
-class DiskFill:
-    """One body being written to ``tmp/`` as it streams past; ``commit`` or ``abandon`` ends it."""
-
-    def __init__(
-        self,
-        cache: DiskCache,
-        key: CacheKey,
-        handle: IO[bytes],
-        tmp_path: str,
-        *,
-        size: int,
-        offset: int,
-        length: int,
-        md5_position: int,
-        expected_md5: bytes | None,
-    ) -> None:
-        self._cache = cache
-        self.key = key
-        self._handle = handle
-        self._tmp_path = tmp_path
-        self.final_path = cache._path(DATA, file_name(key))
-        self.size = size
-        self.offset = offset
-        self.length = length
-        self._md5_position = md5_position
-        self._expected_md5 = expected_md5
-        self._md5 = hashlib.md5()
-        self._received = 0
-        self.ended = False
-
-    def append(self, data: bytes) -> None:
-        """The next bytes of the body (the relay's tee)."""
-        if self.ended:
-            return
-        self._received += len(data)
-        if self._received > self.length:
-            self._fail("more bytes than the attachment's length")
-            return
-        try:
-            self._handle.write(data)
-        except OSError as exc:
-            self._fail("write failed", exc)
-            return
-        self._md5.update(data)
-
-    def commit(self) -> None:
-        """The body is complete: check it and rename it into place."""
-        if self.ended:
-            return
-        if self._received != self.length:
-            self._fail(f"got {self._received} bytes of {self.length}")
-            return
-        if self._expected_md5 is not None and self._md5.digest() != self._expected_md5:
-            self._fail("the bytes do not match CouchDB's digest")
-            return
-        try:
-            self._handle.seek(self._md5_position)
-            self._handle.write(self._md5.hexdigest().encode("ascii"))
-            self._handle.close()
-            try:
-                os.rename(self._tmp_path, self.final_path)
-            except FileNotFoundError:
-                self._cache._make_directories()  # data/ was deleted; tmp/ (and the file) were not
-                os.rename(self._tmp_path, self.final_path)
-        except OSError as exc:
-            self._fail("commit failed", exc)
-            return
-        self.ended = True
-        self._cache._fill_ended(self, None, None)
-
-    def abandon(self, why: str = "the download did not complete") -> None:
-        """The download was cut or failed: leave nothing behind."""
-        if not self.ended:
-            self._fail(why)
-
-    def _fail(self, why: str, error: OSError | None = None) -> None:
-        self.ended = True
-        _close_and_unlink(self._handle, self._tmp_path)
-        self._cache._fill_ended(self, error, why)
-
-
-def _close_and_unlink(handle: IO[bytes], path: str) -> None:
-    try:
-        handle.close()
-    except OSError:
-        pass  # a failed flush of a file we delete anyway
-    _remove_path(path)
-
-
 def _remove_path(path: str) -> None:
     try:
         if os.path.isdir(path) and not os.path.islink(path):
@@ -519,16 +443,27 @@ def _remove_path(path: str) -> None:
 
 
 class DiskCacheService(Service):
-    """Takes the cache directory over at start; stops the start-up checks at stop."""
+    """Starts the cache's threads and takes the directory over; stops both at stop."""
 
-    def __init__(self, cache: DiskCache) -> None:
+    def __init__(self, cache: DiskCache, threads: ThreadPool | None = None) -> None:
         self._cache = cache
+        self._threads = threads
         self.ready: Deferred[None] = succeed(None)
 
     def startService(self) -> None:
         super().startService()
+        if self._threads is not None:
+            self._threads.start()
         self.ready = self._cache.take_over()
 
     def stopService(self) -> Any:
         super().stopService()
-        self._cache.stop()
+        self._cache.stop()  # threads reading a file stop at their next chunk
+        if self._threads is not None:
+            self._threads.stop()
+
+
+def disk_threads(reactor: Any) -> tuple[ThreadPool, RunInThread]:
+    """The disk cache's own few threads (not the reactor's, which also resolves host names)."""
+    threads = ThreadPool(minthreads=0, maxthreads=4, name="couchtoken-disk-cache")
+    return threads, partial(deferToThreadPool, reactor, threads)

@@ -22,7 +22,7 @@ from twisted.internet.defer import DeferredList, ensureDeferred
 from couchtoken.upstream import diskcache
 from couchtoken.upstream.diskfiles import DATA, MARKER_NAME, MAX_HEADER, TMP, Header, file_name
 from tests.faultproxy import Fault
-from tests.http import fetch
+from tests.http import fetch as http_fetch
 from tests.ops.test_operations import metric
 from tests.twistproc import TwistProcess, rss_bytes
 from tests.upstream.test_cache import HEARTBEAT, attachment_requests, until_status, warm
@@ -61,11 +61,28 @@ def etag_of(body):
     return '"' + base64.b64encode(hashlib.md5(body).digest()).decode() + '"'
 
 
+_disks = []  # the disk caches of the services this test started
+
+
+@pytest.fixture(autouse=True)
+def _forget_disks():
+    yield
+    _disks.clear()
+
+
+async def fetch(url, *args, **kwargs):
+    """``tests.http.fetch``, then wait for the fills it started: they are checked after the reply."""
+    reply = await http_fetch(url, *args, **kwargs)
+    assert await wait_until(lambda: all(disk.filling == 0 for disk in _disks), 10), "a fill never ended"
+    return reply
+
+
 async def disk_service(start, directory, **options):
     """A service with the disk cache in ``directory``, its start-up checks done."""
     options.setdefault("feed_heartbeat", HEARTBEAT)
     service = await start(disk_cache_dir=str(directory), **options)
     disk = service.app.disk
+    _disks.append(disk)
     assert await wait_until(lambda: disk.enabled and disk.pending_checks == 0, 10), "take-over never ended"
     return service
 
@@ -562,8 +579,15 @@ def test_twenty_slow_clients_of_a_cached_file_keep_memory_flat(couch_server, adm
     try:
         with urllib.request.urlopen(service.base_url + path, timeout=30) as response:
             assert len(response.read()) == 16 * MIB  # fills the cache
-        with urllib.request.urlopen(service.base_url + "/_metrics", timeout=30) as response:
-            assert metric(response.read().decode(), "couchtoken_disk_cache_fills_total") == 1
+
+        def filled():
+            with urllib.request.urlopen(service.base_url + "/_metrics", timeout=30) as response:
+                return metric(response.read().decode(), "couchtoken_disk_cache_fills_total") == 1
+
+        deadline = time.monotonic() + 10
+        while not filled():  # the fill is checked and renamed just after the reply
+            assert time.monotonic() < deadline, "the file was never filled"
+            time.sleep(0.1)
         before = rss_bytes(service.process.pid)
         readers = [_start_download(service.port, path) for _ in range(20)]
         read = 0

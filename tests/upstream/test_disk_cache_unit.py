@@ -6,11 +6,14 @@ import base64
 import hashlib
 import os
 
-from twisted.internet.defer import maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred
 
 from couchtoken.access.attachments import AttachmentInfo
 from couchtoken.upstream.diskcache import DiskCache, directory_problem
 from couchtoken.upstream.diskfiles import DATA, MARKER_NAME, TMP, file_name
+from couchtoken.upstream.diskfill import MAX_LAG
+
+MIB = 1024 * 1024
 
 
 def in_this_thread(function, *args):
@@ -186,3 +189,62 @@ def test_another_format_is_cleared_and_a_foreign_directory_refused(tmp_path):
     off.take_over()
     assert not off.enabled
     assert os.listdir(foreign) == ["thesis.tex"]
+
+
+class HeldThreads:
+    """Runs the cache's thread work only when told to (the work itself is real)."""
+
+    def __init__(self):
+        self.held = []
+
+    def __call__(self, function, *args):
+        waiting = Deferred()
+        self.held.append((waiting, function, args))
+        return waiting
+
+    def release(self):
+        while self.held:
+            waiting, function, args = self.held.pop(0)
+            waiting.callback(function(*args))
+
+
+def test_a_fill_the_disk_cannot_keep_up_with_is_dropped_without_holding_the_download(tmp_path):
+    threads = HeldThreads()
+    cache = DiskCache(str(tmp_path), 10**9, 10**9, run_in_thread=threads)
+    cache.take_over()
+    body = os.urandom(MIB)
+    key = ("db", "doc", "big", "md5-" + base64.b64encode(b"d" * 16).decode())
+    writing = cache.start_fill(key, AttachmentInfo(b"x/y", 40 * MIB, key[3]), stored_compressed=True)
+    for _ in range(34):
+        writing.append(body)  # the first write is still running: the rest queue, up to MAX_LAG
+    assert (cache.fill_failures, cache.filling) == (0, 1)  # dropped only once that write is back
+    assert len(os.listdir(tmp_path / TMP)) == 1
+    threads.release()
+    assert (cache.fill_failures, cache.filling, os.listdir(tmp_path / TMP)) == (1, 0, [])
+    assert MAX_LAG < 34 * MIB
+
+
+def test_a_fill_abandoned_while_it_writes_is_removed_once_the_write_is_back(tmp_path):
+    threads = HeldThreads()
+    cache = DiskCache(str(tmp_path), 10**9, 10**9, run_in_thread=threads)
+    cache.take_over()
+    body = os.urandom(100_000)
+    key = ("db", "doc", "f", digest_of(body))
+    writing = cache.start_fill(key, AttachmentInfo(b"x/y", len(body), key[3]), stored_compressed=False)
+    writing.append(body[:50_000])
+    writing.abandon()
+    writing.append(body[50_000:])
+    writing.commit()
+    threads.release()
+    assert (cache.fills, cache.fill_failures, os.listdir(tmp_path / TMP), os.listdir(tmp_path / DATA)) == (
+        0,
+        1,
+        [],
+        [],
+    )
+    again = cache.start_fill(key, AttachmentInfo(b"x/y", len(body), key[3]), stored_compressed=False)
+    again.append(body)
+    again.commit()
+    assert cache.filling == 1  # written and checked in the threads, not yet
+    threads.release()
+    assert (cache.fills, cache.filling, read(cache, key, len(body))) == (1, 0, body)

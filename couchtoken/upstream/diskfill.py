@@ -31,6 +31,7 @@ from couchtoken.upstream.diskfiles import CacheKey
 
 _log = Logger()
 MAX_LAG = 32 * 1024 * 1024
+BATCH = 1024 * 1024  # bytes handed to a thread at once: fewer thread hand-offs
 _READ_BACK = 1024 * 1024
 
 RunInThread = Callable[..., Deferred]
@@ -113,7 +114,7 @@ class DiskFill:
             return
         if self._failure is not None:
             self._end_failed()
-        elif self._queue:
+        elif self._queue and (self._queued >= BATCH or self._commit_wanted):
             batch = list(self._queue)
             self._queue.clear()
             self._step(self._run_in_thread(_write_all, self._handle, batch), sum(map(len, batch)))

@@ -5,11 +5,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import threading
 
+import pytest_twisted
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred, maybeDeferred
 
 from couchtoken.access.attachments import AttachmentInfo
-from couchtoken.upstream.diskcache import DiskCache, directory_problem
+from couchtoken.upstream.diskcache import NICE, DiskCache, directory_problem, disk_threads
 from couchtoken.upstream.diskfiles import DATA, MARKER_NAME, TMP, file_name
 from couchtoken.upstream.diskfill import MAX_LAG
 
@@ -248,3 +251,16 @@ def test_a_fill_abandoned_while_it_writes_is_removed_once_the_write_is_back(tmp_
     assert cache.filling == 1  # written and checked in the threads, not yet
     threads.release()
     assert (cache.fills, cache.filling, read(cache, key, len(body))) == (1, 0, body)
+
+
+@pytest_twisted.ensureDeferred
+async def test_fills_are_written_and_checked_at_a_lower_cpu_priority():
+    """Writing and checking give way to serving downloads (and to a CouchDB on the same machine)."""
+    threads, run_in_thread = disk_threads(reactor)
+    threads.start()
+    try:
+        inside = await run_in_thread(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+    finally:
+        threads.stop()
+    outside = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    assert inside == min(19, outside + NICE)

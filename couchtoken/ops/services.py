@@ -63,12 +63,13 @@ def build(settings: Settings, reactor: Any) -> Couchtoken:
     feeds.on_change = documents.evict
     feeds.on_gap = documents.drop_database
     blobs = BlobCache(settings.blob_cache_bytes, settings.blob_cache_max_item)
-    threads, run_in_thread = disk_threads(reactor)
+    threads, write, check = disk_threads(reactor)
     disk = DiskCache(
         settings.disk_cache_dir,
         settings.disk_cache_bytes,
         settings.disk_cache_max_item,
-        run_in_thread=run_in_thread,
+        run_in_thread=write,
+        run_check=check,
     )
     # Files are keyed by digest and served only after a fresh token check, so a feed gap
     # changes nothing about them; a deleted database's files are of no more use.

@@ -35,7 +35,7 @@ import shutil
 import threading
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import IO, Any
 
 import attrs
@@ -59,7 +59,7 @@ from couchtoken.upstream.diskfiles import (
     looks_like_file_name,
     read_header,
 )
-from couchtoken.upstream.diskfill import DiskFill
+from couchtoken.upstream.diskfill import DiskFill, LagBudget
 
 _log = Logger()
 NICE = 10
@@ -117,11 +117,14 @@ class DiskCache:
         max_item: int,
         *,
         run_in_thread: RunInThread = deferToThread,
+        run_check: RunInThread | None = None,
     ) -> None:
         self.directory = directory
         self.max_bytes = max_bytes
         self.max_item = min(max_item, max_bytes)
-        self._run_in_thread = run_in_thread
+        self._run_in_thread = run_in_thread  # writes
+        self._run_check = run_check or run_in_thread  # MD5 checks, at a lower priority
+        self._lag = LagBudget()
         self._usable = False  # until the directory is taken over
         self._stopping = False
         self._index: OrderedDict[CacheKey, _Entry] = OrderedDict()
@@ -245,6 +248,8 @@ class DiskCache:
             md5_position=Header.md5_position(encoded),
             expected_md5=digest_md5(key[3]) if identity else None,
             run_in_thread=self._run_in_thread,
+            run_check=self._run_check,
+            lag=self._lag,
             on_end=self._fill_ended,
             stopping=lambda: self._stopping,
         )
@@ -402,7 +407,7 @@ class DiskCache:
                 return
             if self._index.get(entry.key) is entry:  # not evicted or replaced by a fill meanwhile
                 try:
-                    good = await self._run_in_thread(
+                    good = await self._run_check(
                         body_matches, entry.path, header, entry.offset, lambda: self._stopping
                     )
                 except OSError:
@@ -447,37 +452,42 @@ def _remove_path(path: str) -> None:
 class DiskCacheService(Service):
     """Starts the cache's threads and takes the directory over; stops both at stop."""
 
-    def __init__(self, cache: DiskCache, threads: ThreadPool | None = None) -> None:
+    def __init__(self, cache: DiskCache, threads: Sequence[ThreadPool] = ()) -> None:
         self._cache = cache
-        self._threads = threads
+        self._threads = list(threads)
         self.ready: Deferred[None] = succeed(None)
 
     def startService(self) -> None:
         super().startService()
-        if self._threads is not None:
-            self._threads.start()
+        for pool in self._threads:
+            pool.start()
         self.ready = self._cache.take_over()
 
     def stopService(self) -> Any:
         super().stopService()
         self._cache.stop()  # threads reading a file stop at their next chunk
-        if self._threads is not None:
-            self._threads.stop()
+        for pool in self._threads:
+            pool.stop()
 
 
-def disk_threads(reactor: Any) -> tuple[ThreadPool, RunInThread]:
-    """The disk cache's own few threads (not the reactor's, which also resolves host names).
+def disk_threads(reactor: Any) -> tuple[list[ThreadPool], RunInThread, RunInThread]:
+    """The disk cache's own threads (not the reactor's, which also resolves host names).
 
-    They run at a lower CPU priority (nice 10, per thread on Linux), so that
-    writing and checking fills gives way to serving downloads and to a
-    CouchDB on the same machine.
+    Two pools: writers at normal priority, so fills keep pace with downloads;
+    checkers (the MD5 of a finished fill, the start-up checks) at a lower CPU
+    priority (nice 10, per thread on Linux), so they give way to serving
+    downloads and to a CouchDB on the same machine.
     """
-    threads = ThreadPool(minthreads=0, maxthreads=4, name="couchtoken-disk-cache")
+    writers = ThreadPool(minthreads=0, maxthreads=2, name="couchtoken-disk-writes")
+    checkers = ThreadPool(minthreads=0, maxthreads=2, name="couchtoken-disk-checks")
 
-    def run(function: Callable[..., Any], *args: Any) -> Deferred:
-        return deferToThreadPool(reactor, threads, _yielding, function, *args)
+    def write(function: Callable[..., Any], *args: Any) -> Deferred:
+        return deferToThreadPool(reactor, writers, function, *args)
 
-    return threads, run
+    def check(function: Callable[..., Any], *args: Any) -> Deferred:
+        return deferToThreadPool(reactor, checkers, _yielding, function, *args)
+
+    return [writers, checkers], write, check
 
 
 def _yielding(function: Callable[..., Any], *args: Any) -> Any:

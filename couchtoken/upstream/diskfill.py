@@ -3,9 +3,11 @@
 The reactor thread only queues the chunks the relay hands over; writing them,
 and the MD5 of the finished file (read back from the page cache, so what is
 checked is what is on disk), run in the disk cache's threads, one batch at a
-time per fill, in order.  A download never waits for its fill: a fill whose
-writes fall more than ``MAX_LAG`` bytes behind (a disk slower than the
-network) is dropped instead.
+time per fill, in order.  Writes run at normal priority, to keep pace; the
+MD5, after the download, in lower-priority threads (``run_check``).  A
+download never waits for its fill: when the fills together fall more than
+``MAX_LAG`` bytes behind (a disk slower than the network), the fill that
+would go past it is dropped instead, so memory stays bounded.
 
 Endings, each reported once through ``on_end``:
 - ``commit`` after the whole body: the length is checked, the MD5 computed
@@ -30,8 +32,8 @@ from twisted.python.failure import Failure
 from couchtoken.upstream.diskfiles import CacheKey
 
 _log = Logger()
-MAX_LAG = 32 * 1024 * 1024
 BATCH = 1024 * 1024  # bytes handed to a thread at once: fewer thread hand-offs
+MAX_LAG = 32 * 1024 * 1024  # bytes all fills together may be behind the downloads
 _READ_BACK = 1024 * 1024
 
 RunInThread = Callable[..., Deferred]
@@ -56,6 +58,8 @@ class DiskFill:
         expected_md5: bytes | None,
         run_in_thread: RunInThread,
         on_end: OnEnd,
+        lag: LagBudget,
+        run_check: RunInThread | None = None,
         stopping: Callable[[], bool] = lambda: False,
     ) -> None:
         self.key = key
@@ -68,10 +72,13 @@ class DiskFill:
         self._md5_position = md5_position
         self._expected_md5 = expected_md5
         self._run_in_thread = run_in_thread
+        self._run_check = run_check or run_in_thread
         self._on_end = on_end
+        self._lag = lag
         self._stopping = stopping
         self._queue: deque[bytes] = deque()
-        self._queued = 0
+        self._queued = 0  # bytes in the queue
+        self._writing = 0  # bytes handed to a thread, not yet written
         self._received = 0
         self._busy = False  # a batch (or the seal) is running in a thread
         self._commit_wanted = False
@@ -86,11 +93,11 @@ class DiskFill:
         if self._received > self.length:
             self._fail("more bytes than the attachment's length")
             return
+        if not self._lag.take(len(data)):
+            self._fail(f"the disk fell {self._lag.limit // 2**20} MiB behind the downloads")
+            return
         self._queue.append(data)
         self._queued += len(data)
-        if self._queued > MAX_LAG:
-            self._fail(f"the disk fell more than {MAX_LAG // 2**20} MiB behind the download")
-            return
         self._next()
 
     def commit(self) -> None:
@@ -117,26 +124,27 @@ class DiskFill:
         elif self._queue and (self._queued >= BATCH or self._commit_wanted):
             batch = list(self._queue)
             self._queue.clear()
-            self._step(self._run_in_thread(_write_all, self._handle, batch), sum(map(len, batch)))
+            self._writing, self._queued = self._queued, 0
+            self._busy = True
+            writing = self._run_in_thread(_write_all, self._handle, batch)
+            writing.addCallbacks(self._written, self._thread_failed)
         elif self._commit_wanted:
-            sealing = self._run_in_thread(
+            sealing = self._run_check(
                 _seal, self._handle, self.offset, self.length, self._md5_position, self._stopping
             )
             self._busy = True
             sealing.addCallbacks(self._sealed, self._thread_failed)
 
-    def _step(self, running: Deferred, count: int) -> None:
-        self._busy = True
-
-        def written(_: object) -> None:
-            self._busy = False
-            self._queued -= count
-            self._next()
-
-        running.addCallbacks(written, self._thread_failed)
+    def _written(self, _: object) -> None:
+        self._busy = False
+        self._lag.give(self._writing)
+        self._writing = 0
+        self._next()
 
     def _thread_failed(self, failure: Failure) -> None:
         self._busy = False
+        self._lag.give(self._writing)
+        self._writing = 0
         error = failure.value if isinstance(failure.value, OSError) else None
         if error is None:  # a bug, not an I/O error: say so, and still leave nothing behind
             _log.failure("Disk cache fill failed unexpectedly", failure)
@@ -161,6 +169,7 @@ class DiskFill:
         if self._failure is None:
             self._failure = (why, error)
         self._queue.clear()
+        self._lag.give(self._queued)
         self._queued = 0
         self._next()  # cleans up now, or once the running step is back
 
@@ -170,6 +179,23 @@ class DiskFill:
         _close_and_unlink(self._handle, self._tmp_path)
         why, error = self._failure
         self._on_end(self, error, why)
+
+
+class LagBudget:
+    """Bytes received for fills but not yet written, across all fills: bounded, so memory is."""
+
+    def __init__(self, limit: int = MAX_LAG) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def take(self, count: int) -> bool:
+        if self.used + count > self.limit:
+            return False
+        self.used += count
+        return True
+
+    def give(self, count: int) -> None:
+        self.used -= count
 
 
 def _write_all(handle: IO[bytes], chunks: list[bytes]) -> None:

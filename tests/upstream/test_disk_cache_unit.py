@@ -211,20 +211,29 @@ class HeldThreads:
             waiting.callback(function(*args))
 
 
-def test_a_fill_the_disk_cannot_keep_up_with_is_dropped_without_holding_the_download(tmp_path):
+def test_fills_the_disk_cannot_keep_up_with_are_dropped_without_holding_the_downloads(tmp_path):
     threads = HeldThreads()
     cache = DiskCache(str(tmp_path), 10**9, 10**9, run_in_thread=threads)
     cache.take_over()
     body = os.urandom(MIB)
-    key = ("db", "doc", "big", "md5-" + base64.b64encode(b"d" * 16).decode())
-    writing = cache.start_fill(key, AttachmentInfo(b"x/y", 40 * MIB, key[3]), stored_compressed=True)
-    for _ in range(34):
-        writing.append(body)  # the first write is still running: the rest queue, up to MAX_LAG
-    assert (cache.fill_failures, cache.filling) == (0, 1)  # dropped only once that write is back
-    assert len(os.listdir(tmp_path / TMP)) == 1
+    fills = []
+    for name in ("one", "two"):
+        key = ("db", "doc", name, "md5-" + base64.b64encode(b"d" * 16).decode())
+        fills.append(cache.start_fill(key, AttachmentInfo(b"x/y", 40 * MIB, key[3]), stored_compressed=True))
+    assert MAX_LAG == 32 * MIB
+    for count, writing in zip((10, 25), fills, strict=True):
+        for _ in range(count):
+            writing.append(body)  # the first write of each is still running: the rest queue
+    # Together they may be 32 MiB behind: the second went past it and is dropped...
+    assert (cache.fill_failures, cache.filling) == (0, 2)
+    threads.release()  # ...once its running write is back
+    assert (cache.fill_failures, cache.filling, len(os.listdir(tmp_path / TMP))) == (1, 1, 1)
+    for _ in range(30):
+        fills[0].append(body)
+        threads.release()  # a disk that keeps up
+    fills[0].commit()
     threads.release()
-    assert (cache.fill_failures, cache.filling, os.listdir(tmp_path / TMP)) == (1, 0, [])
-    assert MAX_LAG < 34 * MIB
+    assert (cache.fills, cache.fill_failures, cache.filling, os.listdir(tmp_path / TMP)) == (1, 1, 0, [])
 
 
 def test_a_fill_abandoned_while_it_writes_is_removed_once_the_write_is_back(tmp_path):
@@ -254,13 +263,16 @@ def test_a_fill_abandoned_while_it_writes_is_removed_once_the_write_is_back(tmp_
 
 
 @pytest_twisted.ensureDeferred
-async def test_fills_are_written_and_checked_at_a_lower_cpu_priority():
-    """Writing and checking give way to serving downloads (and to a CouchDB on the same machine)."""
-    threads, run_in_thread = disk_threads(reactor)
-    threads.start()
+async def test_fills_are_checked_at_a_lower_cpu_priority_and_written_at_the_usual_one():
+    """The MD5 gives way to serving downloads (and to a CouchDB on the same machine)."""
+    pools, write, check = disk_threads(reactor)
+    for pool in pools:
+        pool.start()
     try:
-        inside = await run_in_thread(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        priority = lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())  # noqa: E731
+        checking, writing = await check(priority), await write(priority)
     finally:
-        threads.stop()
+        for pool in pools:
+            pool.stop()
     outside = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    assert inside == min(19, outside + NICE)
+    assert (checking, writing) == (min(19, outside + NICE), outside)

@@ -300,10 +300,12 @@ class DiskCache:
             self.evictions += 1
 
     def drop_database(self, db: str) -> None:
-        """The database is gone: delete its files."""
+        """The database is gone: delete its files, and do not keep the ones being written."""
         for entry in [entry for key, entry in self._index.items() if key[0] == db]:
             self._remove(entry)
             self.evictions += 1
+        for fill in [fill for key, fill in self._filling.items() if key[0] == db]:
+            fill.abandon("its database is gone")
 
     def _forget(self, entry: _Entry) -> None:
         if self._index.get(entry.key) is entry:

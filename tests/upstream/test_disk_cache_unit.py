@@ -34,8 +34,8 @@ def digest_of(body):
     return "md5-" + base64.b64encode(hashlib.md5(body).digest()).decode()
 
 
-def fill(cache, name, body, *, stored_compressed=False, digest=None, length=None):
-    key = ("db", "doc", name, digest or digest_of(body))
+def fill(cache, name, body, *, stored_compressed=False, digest=None, length=None, db="db"):
+    key = (db, "doc", name, digest or digest_of(body))
     info = AttachmentInfo(b"application/octet-stream", len(body) if length is None else length, key[3])
     writing = cache.start_fill(key, info, stored_compressed=stored_compressed)
     assert writing is not None
@@ -132,6 +132,21 @@ def test_one_fill_per_file_at_a_time(tmp_path):
     assert cache.start_fill(key, info, stored_compressed=False) is None
     first.abandon()
     assert cache.start_fill(key, info, stored_compressed=False) is not None
+
+
+def test_a_dropped_database_loses_its_files_and_the_ones_being_written(tmp_path):
+    cache = make_cache(tmp_path)
+    other = fill(cache, "other.bin", os.urandom(1000), db="other")
+    fill(cache, "a.bin", os.urandom(1000))
+    body = os.urandom(2000)
+    key = ("db", "doc", "writing.bin", digest_of(body))
+    writing = cache.start_fill(key, AttachmentInfo(b"x/y", len(body), key[3]), stored_compressed=False)
+    writing.append(body[:1000])
+    cache.drop_database("db")
+    writing.append(body[1000:])
+    writing.commit()
+    assert (os.listdir(tmp_path / TMP), os.listdir(tmp_path / DATA)) == ([], [file_name(other)])
+    assert (len(cache), cache.evictions, cache.fill_failures) == (1, 1, 1)
 
 
 def test_sizes_outside_the_bounds_are_not_kept(tmp_path):

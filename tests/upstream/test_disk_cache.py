@@ -611,3 +611,25 @@ def test_twenty_slow_clients_of_a_cached_file_keep_memory_flat(couch_server, adm
         )
     assert read > 20 * 300_000
     assert growth < 32 * 2**20
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_range_for_the_whole_file_fills_and_smaller_ones_do_not(start_service, admin, db, tmp_path):
+    """A video player's first request is ``Range: bytes=0-``."""
+    data = seed(admin, db, content_type="video/mp4")
+    service = await disk_service(start_service, tmp_path / "cache")
+    disk = service.app.disk
+    await warm(service, db, attachment="movie.bin")
+    url = service.url(db, "doc", "movie.bin", TOKEN)
+    part = await fetch(url, headers={"Range": "bytes=0-999"})
+    assert (part.status, part.body, disk.fills) == (206, data[:1000], 0)
+    whole = await fetch(url, headers={"Range": "bytes=0-"})
+    assert (whole.status, whole.body, disk.fills) == (206, data, 1)
+    before = len(attachment_requests(service, db))
+    again = await fetch(url, headers={"Range": "bytes=0-"})
+    assert (again.status, again.body, again.header("content-range")) == (
+        206,
+        data,
+        f"bytes 0-{len(data) - 1}/{len(data)}",
+    )
+    assert len(attachment_requests(service, db)) == before

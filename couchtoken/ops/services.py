@@ -15,6 +15,7 @@ from couchtoken.ops.settings import Settings
 from couchtoken.upstream.blobs import BlobCache
 from couchtoken.upstream.cache import DocumentCache
 from couchtoken.upstream.client import CouchDBClient
+from couchtoken.upstream.diskcache import DiskCache, DiskCacheService, disk_threads
 from couchtoken.upstream.feeds import FeedManager
 from couchtoken.web.accesslog import DownloadSite
 from couchtoken.web.connections import ConnectionLimit, client_connection_limit, descriptor_limit
@@ -36,6 +37,7 @@ class Couchtoken:
     app: DownloadApp
     metrics: Metrics
     blobs: BlobCache
+    disk: DiskCache
     site: DownloadSite
     ops_site: Site
     service: MultiService
@@ -71,6 +73,17 @@ def build(settings: Settings, reactor: Any) -> Couchtoken:
             max_downloads=settings.max_downloads,
         )
     )
+    threads, write, check = disk_threads(reactor)
+    disk = DiskCache(
+        settings.disk_cache_dir,
+        settings.disk_cache_bytes,
+        settings.disk_cache_max_item,
+        run_in_thread=write,
+        run_check=check,
+    )
+    # Files are keyed by digest and served only after a fresh token check, so a feed gap
+    # changes nothing about them; a deleted database's files are of no more use.
+    feeds.on_gone = disk.drop_database
     metrics = Metrics()
     metrics.watch(
         lambda: {
@@ -87,6 +100,13 @@ def build(settings: Settings, reactor: Any) -> Couchtoken:
             "blob_cache_bytes": blobs.bytes_held,
             "client_connections": connections.open,
             "connections_refused": connections.refused,
+            "disk_cache_hits": disk.hits,
+            "disk_cache_misses": disk.misses,
+            "disk_cache_bytes": disk.bytes_held,
+            "disk_cache_fills": disk.fills,
+            "disk_cache_fill_failures": disk.fill_failures,
+            "disk_cache_evictions": disk.evictions,
+            "disk_cache_fallbacks": disk.fallbacks,
         }
     )
     health = HealthCheck(client, feeds, documents, reactor, timeout=min(settings.response_timeout, 5.0))
@@ -99,6 +119,7 @@ def build(settings: Settings, reactor: Any) -> Couchtoken:
         clock=reactor,
         idle_timeout=settings.idle_timeout,
         upstream_timeout=settings.response_timeout,
+        disk=disk,
     )
     in_flight = InFlight(reactor, settings.max_downloads)
     app = DownloadApp(
@@ -129,10 +150,11 @@ def build(settings: Settings, reactor: Any) -> Couchtoken:
     ops_site = Site(OpsApp(ops).resource(), reactor=reactor)
     ops_site.log = lambda request: None  # polled every few seconds: not worth a log line
     service = MultiService()
+    DiskCacheService(disk, threads).setServiceParent(service)
     startup = CouchDBClientService(client, settings, reactor)
     startup.setServiceParent(service)
     feeds.setServiceParent(service)
     DrainService(app.in_flight, settings.drain_timeout).setServiceParent(service)
     return Couchtoken(
-        settings, client, feeds, documents, app, metrics, blobs, site, ops_site, service, startup
+        settings, client, feeds, documents, app, metrics, blobs, disk, site, ops_site, service, startup
     )

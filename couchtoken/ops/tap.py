@@ -20,6 +20,7 @@ from couchtoken.access.throttle import UNIX_PEERS
 from couchtoken.ops.lifecycle import ExitCleanlyOnSigterm, ListeningPort
 from couchtoken.ops.services import build
 from couchtoken.ops.settings import DEFAULT_TOKEN_FIELD, Settings, parse_token_field
+from couchtoken.upstream.diskcache import directory_problem
 from couchtoken.upstream.server import DEFAULT_COUCHDB_URL, ConfigError, CouchDBCluster
 
 
@@ -227,6 +228,26 @@ class Options(usage.Options):
             _count,
         ],
         [
+            "disk-cache-dir",
+            None,
+            None,
+            "Directory for the disk cache of large attachments (default: none, the disk cache is off).",
+        ],
+        [
+            "disk-cache-bytes",
+            None,
+            10 * 1024**3,
+            "Bytes of files the disk cache keeps at most (0 turns it off).",
+            _count,
+        ],
+        [
+            "disk-cache-max-item",
+            None,
+            1024**3,
+            "Largest attachment body, in bytes, the disk cache keeps.",
+            _count,
+        ],
+        [
             "databases",
             None,
             "",
@@ -317,6 +338,10 @@ class Options(usage.Options):
         _endpoint("port", self["port"])
         if self["metrics-port"] is not None:
             _endpoint("metrics-port", self["metrics-port"])
+        if self["disk-cache-dir"]:
+            problem = directory_problem(self["disk-cache-dir"])
+            if problem:
+                raise usage.UsageError(f"--disk-cache-dir {self['disk-cache-dir']} {problem}")
         url = self._couchdb_url()
         field = self["token-field"] or self._environ.get("DOWNLOAD_TOKEN_KEY_NAME") or DEFAULT_TOKEN_FIELD
         try:
@@ -337,6 +362,9 @@ class Options(usage.Options):
                 metrics_port=self["metrics-port"],
                 blob_cache_bytes=self["blob-cache-bytes"],
                 blob_cache_max_item=self["blob-cache-max-item"],
+                disk_cache_dir=self["disk-cache-dir"] or None,
+                disk_cache_bytes=self["disk-cache-bytes"],
+                disk_cache_max_item=self["disk-cache-max-item"],
                 sandbox_types=_media_types("sandbox-types", self["sandbox-types"]),
                 force_download_types=_media_types("force-download-types", self["force-download-types"]),
                 databases=_list("databases", self["databases"]),

@@ -262,6 +262,7 @@ class FeedManager(MultiService):
         self._retired_reconnects = 0
         self.on_change: OnChange = lambda db, docid: None
         self.on_gap: OnGap = lambda db: None
+        self.on_gone: OnGap = lambda db: None  # the feed found the database deleted
 
     def live_epoch(self, db: str) -> int | None:
         """The live epoch of ``db``'s feed, starting the feed if there is none yet."""
@@ -310,6 +311,7 @@ class FeedManager(MultiService):
         self._gone[db] = True
         self._feeds.pop(db, None)
         self._stop(db)
+        self.on_gone(db)
 
     def feeds(self) -> list[ChangesFeed]:
         return list(self._feeds.values())

@@ -23,6 +23,7 @@ Endings:
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Callable
 from typing import Any
 
@@ -40,6 +41,12 @@ from couchtoken.web.abort import abort_response
 _log = Logger()
 
 
+class Tee(typing.Protocol):
+    """Something that keeps a copy of what is sent: a list, or a disk cache fill."""
+
+    def append(self, data: bytes, /) -> None: ...
+
+
 @implementer(IPushProducer)
 class BodyRelay(Protocol):
     """Relays ``[skip, skip + limit)`` of an upstream body into ``request``."""
@@ -53,7 +60,7 @@ class BodyRelay(Protocol):
         clock: Any = None,
         idle_timeout: float | None = None,
         on_idle: Callable[[], None] = lambda: None,
-        tee: list[bytes] | None = None,
+        tee: Tee | None = None,
         upstream_timeout: float | None = None,
     ) -> None:
         self._request = request
@@ -194,7 +201,7 @@ def relay_body(
     """Start relaying ``response``'s body; the Deferred fires when it is all sent.
 
     ``extra`` takes ``clock``, ``idle_timeout``, ``on_idle``, ``upstream_timeout``
-    and ``tee`` (a list that collects what is sent); see ``BodyRelay``.
+    and ``tee`` (a ``Tee`` that gets a copy of what is sent); see ``BodyRelay``.
     """
     relay = BodyRelay(request, skip, limit, **extra)
     response.deliverBody(relay)

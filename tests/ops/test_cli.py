@@ -67,9 +67,38 @@ def test_environment_then_options_win():
     assert settings.token_field == ("secret",)
 
 
+def test_disk_cache_options(tmp_path):
+    settings = _parse([], {})
+    assert (settings.disk_cache_dir, settings.disk_cache_bytes, settings.disk_cache_max_item) == (
+        None,
+        10 * 2**30,
+        2**30,
+    )
+    argv = ["--disk-cache-dir", str(tmp_path), "--disk-cache-bytes", "5000000", "--disk-cache-max-item", "9"]
+    settings = _parse(argv, {})
+    assert (settings.disk_cache_dir, settings.disk_cache_bytes, settings.disk_cache_max_item) == (
+        str(tmp_path),
+        5_000_000,
+        9,
+    )
+    assert f"disk_cache_dir={tmp_path} " in settings.describe()
+
+
+def test_a_disk_cache_dir_that_holds_other_files_is_refused(tmp_path):
+    (tmp_path / "thesis.tex").write_text("precious")
+    with pytest.raises(usage.UsageError, match="is not a couchtoken disk cache"):
+        _parse(["--disk-cache-dir", str(tmp_path)], {})
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(usage.UsageError, match="is not a directory"):
+        _parse(["--disk-cache-dir", str(tmp_path / "file")], {})
+    assert (tmp_path / "thesis.tex").read_text() == "precious"
+
+
 @pytest.mark.parametrize(
     "argv",
     [
+        ["--disk-cache-bytes", "-1"],
+        ["--disk-cache-max-item", "lots"],
         ["--couchdb-url", "not a url"],
         ["--token-field", "a..b"],
         ["--connect-timeout", "0"],
@@ -104,6 +133,9 @@ def test_help_documents_every_option():
         "--connect-timeout",
         "--response-timeout",
         "--max-connections",
+        "--disk-cache-dir",
+        "--disk-cache-bytes",
+        "--disk-cache-max-item",
         "COUCHDB_URL",
         "DOWNLOAD_TOKEN_KEY_NAME",
     ):

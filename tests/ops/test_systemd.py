@@ -60,8 +60,10 @@ def test_the_service_unit_keeps_secrets_off_the_command_line_and_hardens():
         "LoadCredential=couchdb-url:",
         "COUCHDB_URL_FILE=%d/couchdb-url",
         "LimitNOFILE=65536",
+        "CacheDirectory=couchtoken",
     ):
         assert setting in service, setting
+    assert "--disk-cache-dir /var/cache/couchtoken" in exec_start
 
 
 def test_the_service_runs_on_an_inherited_listening_socket(couch_server, admin, db, tmp_path):

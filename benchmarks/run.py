@@ -2,12 +2,12 @@
 
     .venv/bin/python benchmarks/run.py [--couchdb pouchdb|release|URL] [--seconds 5] [--rounds 2]
 
-Needs ``wrk`` and ``curl`` (Debian packages).  ``--couchdb`` picks the server:
-``pouchdb`` (the default) starts a PouchDB Server from ``tests/node_modules``;
-``release`` starts a real Apache CouchDB 3.5 node with ``--couchdb-start``
-(``../shared/couchdb/start-couchdb`` from the repository root by default); a
-URL (``http://admin:pass@host:5984``) uses that server, in a scratch
-database it deletes afterwards.
+Needs ``wrk`` and ``curl`` (Debian packages).  ``--couchdb`` picks the server
+(see ``benchmarks/servers.py``): ``pouchdb`` (the default) starts a PouchDB
+Server from ``tests/node_modules``; ``release`` starts a real Apache CouchDB
+3.5 node with ``--couchdb-start`` (``../shared/couchdb/start-couchdb`` from
+the repository root by default); a URL (``http://admin:pass@host:5984``)
+uses that server, in a scratch database it deletes afterwards.
 
 Three ``twist couchtoken`` processes serve it, and every case measures its
 targets in one run, alternating them (A B C A B C) so machine drift cancels:
@@ -25,6 +25,11 @@ of a 64 MiB attachment, 304 and 403 answers; then the cold path (distinct
 8 MiB attachments read once each, so every disk download is a fill), the
 requests the disk service made of CouchDB during its hot runs, and memory
 with slow clients.
+
+Then warm 1 KiB downloads over TLS from a fourth service on an ``ssl:``
+port, HTTP/1.1 (``wrk``, 50 connections) against HTTP/2 (``h2load``,
+Debian's ``nghttp2-client``: 4 connections of 50 concurrent streams),
+alternated the same way (``--cases tls``); skipped if ``h2load`` is missing.
 """
 
 from __future__ import annotations
@@ -34,8 +39,8 @@ import base64
 import os
 import re
 import shutil
-import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -45,12 +50,12 @@ import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from couchtoken.dev.pouchdb import CouchAdmin, PouchDBServer, free_port  # noqa: E402
+from benchmarks.servers import add_server_options, couchdb_server, describe  # noqa: E402
+from couchtoken.dev.pouchdb import CouchAdmin  # noqa: E402
 from tests.twistproc import TwistProcess, rss_bytes  # noqa: E402
 
 DOC, TOKEN = "doc", "bench-token"
@@ -97,10 +102,26 @@ def wrk(url: str, connections: int, seconds: int, headers: list[str], script: Pa
     }
 
 
+def h2load(url: str, connections: int, streams: int, seconds: int) -> dict[str, float]:
+    """HTTP/2 load: ``connections`` connections of ``streams`` concurrent streams for ``seconds``."""
+    command = ["h2load", f"-c{connections}", f"-m{streams}", f"-D{seconds}", "--warm-up-time=1", url]
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    assert "Application protocol: h2" in out, out
+    failed = re.search(r"(\d+) failed, (\d+) errored, (\d+) timeout", out)
+    codes = re.search(r"status codes: \d+ 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out)
+    mean = re.search(r"time for request:\s+\S+\s+\S+\s+([\d.]+)(us|ms|s)\b", out)
+    return {
+        "rps": float(re.search(r"finished in [\d.]+s, ([\d.]+) req/s", out).group(1)),
+        "mean_ms": float(mean.group(1)) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[mean.group(2)],
+        "non2xx": sum(int(n) for n in codes.groups()) + sum(int(n) for n in failed.groups()),
+    }
+
+
 def status_of(url: str, headers: dict[str, str], method: str = "GET") -> int:
     request = urllib.request.Request(url, headers=headers, method=method)
+    context = ssl._create_unverified_context() if url.startswith("https:") else None
     try:
-        with urllib.request.urlopen(request, timeout=120) as response:
+        with urllib.request.urlopen(request, timeout=120, context=context) as response:
             response.read()
             return response.status
     except urllib.error.HTTPError as error:
@@ -151,76 +172,23 @@ def read_once_each(urls: list[str], headers: list[str], workers: int) -> float:
     return sum(totals) / 1e6 / (time.monotonic() - started)
 
 
-class Server:
-    """The CouchDB-compatible server under test, and how to stop it."""
-
-    def __init__(self, url: str, stop: Callable[[], None] = lambda: None) -> None:
-        self.url = url
-        self.stop = stop
-        admin = CouchAdmin(url)
-        _, _, body = admin.request("GET", "/")
-        import json
-
-        welcome = json.loads(body)
-        name = "Apache CouchDB" if "couchdb" in welcome else "PouchDB Server"
-        self.label = f"{name} {welcome.get('version', '?')}"
-
-
-def start_server(choice: str, start_script: Path, work: Path) -> Server:
-    if choice == "pouchdb":
-        pouchdb = PouchDBServer(work / "pouchdb")
-        pouchdb.start()
-        return Server(pouchdb.url, pouchdb.stop)
-    if choice == "release":
-        while True:  # the node also takes PORT+1000 for Erlang distribution
-            port = free_port()
-            with socket.socket() as probe:
-                if port + 1000 < 65536 and probe.connect_ex(("127.0.0.1", port + 1000)) != 0:
-                    break
-        password = base64.urlsafe_b64encode(os.urandom(12)).decode()
-        out = subprocess.run(
-            [str(start_script), str(work / "couchdb"), str(port), "admin", password],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        pid = int(out.split()[-1])
-
-        def stop() -> None:
-            os.kill(pid, signal.SIGTERM)
-            for _ in range(100):
-                try:
-                    os.kill(pid, 0)
-                except ProcessLookupError:
-                    return
-                time.sleep(0.1)
-
-        return Server(f"http://admin:{password}@127.0.0.1:{port}", stop)
-    if urlsplit(choice).scheme in ("http", "https"):
-        return Server(choice)
-    sys.exit(f"--couchdb takes pouchdb, release or a URL, not {choice!r}")
+def server_label(admin: CouchAdmin) -> str:
+    """The server's own name and version, from its welcome (``GET /``)."""
+    welcome = admin.json("GET", "/")
+    name = "Apache CouchDB" if "couchdb" in welcome else "PouchDB Server"
+    return f"{name} {welcome.get('version', '?')}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--couchdb",
-        default="pouchdb",
-        help="pouchdb (start a PouchDB Server, the default), release (start CouchDB 3.5 with "
-        "--couchdb-start) or the admin URL of a running server",
-    )
-    parser.add_argument(
-        "--couchdb-start",
-        type=Path,
-        default=ROOT.parent / "shared" / "couchdb" / "start-couchdb",
-        help="the start-couchdb script for --couchdb release (default: ../shared/couchdb/start-couchdb)",
-    )
+    add_server_options(parser)
     parser.add_argument("--seconds", type=int, default=5, help="duration of each wrk run")
     parser.add_argument("--rounds", type=int, default=2, help="A B C rounds per case (medians are reported)")
     parser.add_argument(
         "--huge-mib",
+        "--memory-mib",
         type=int,
         default=64,
         help="size of the large attachment for the Range and memory cases (0 skips them); "
@@ -228,16 +196,26 @@ def main() -> None:
     )
     parser.add_argument("--cold-files", type=int, default=16, help="8 MiB files per cold round (0 skips)")
     parser.add_argument("--slow-clients", type=int, default=20, help="clients in the memory case")
-    parser.add_argument("--cases", default="", help="comma-separated case prefixes to run (default: all)")
+    parser.add_argument(
+        "--cases", default="", help="comma-separated case prefixes to run, e.g. 1,tls (default: all)"
+    )
     args = parser.parse_args()
     for tool in ("wrk", "curl"):
         if shutil.which(tool) is None:
             sys.exit(f"{tool} is missing: apt-get install {tool}")
 
     work = Path(tempfile.mkdtemp(prefix="couchtoken-bench-"))
-    server = start_server(args.couchdb, args.couchdb_start, work)
+    try:
+        with couchdb_server(args.couchdb, work, args.couchdb_start) as server_url:
+            print(f"server: {describe(args.couchdb)}")
+            measure(args, server_url, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def measure(args: argparse.Namespace, server_url: str, work: Path) -> None:
     db = f"bench-{os.getpid()}"
-    admin = CouchAdmin(server.url)
+    admin = CouchAdmin(server_url)
     services: dict[str, TwistProcess] = {}
     try:
         admin.create_db(db)
@@ -260,16 +238,29 @@ def main() -> None:
                 work / f"{name}.log",
                 [arg.format(work=work) for arg in extra]
                 + ["--max-downloads", "10000", "--max-failures", "0"],
-                env={"COUCHDB_URL": server.url},
+                env={"COUCHDB_URL": server_url},
             )
             service.start()
             services[name] = service
+        tls = None
+        if shutil.which("h2load") is not None:
+            (work / "tls").mkdir()
+            tls = TwistProcess(
+                work / "tls.log",
+                ["--max-downloads", "10000", "--max-failures", "0"],
+                env={"COUCHDB_URL": server_url},
+                tls_dir=work / "tls",
+            )
+            tls.start()
+            services["tls"] = tls
         user, password = admin.user, admin.password
         auth = "Authorization: Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
         # Not the admin: CouchDB 3.4+ locks a user out after failed logins (chttpd_auth_lockout).
         bad_auth = "Authorization: Basic " + base64.b64encode(b"bench-nobody:wrong").decode()
-        direct_base = f"http://{admin.host}:{admin.port}/{db}/{DOC}/"
-        base = {"direct": direct_base, **{n: f"{s.base_url}/{db}/{DOC}/" for n, s in services.items()}}
+        base = {
+            "direct": f"{admin.base_url}/{db}/{DOC}/",
+            **{name: f"{services[name].base_url}/{db}/{DOC}/" for name in SERVICES},
+        }
 
         def target(name: str, attachment: str, token: str = TOKEN) -> tuple[str, list[str]]:
             if name == "direct":
@@ -284,6 +275,10 @@ def main() -> None:
         for name in TARGETS:
             for _ in range(3):
                 assert get(name, SMALL) == 200
+        tls_url = f"{tls.base_url}/{db}/{DOC}/{SMALL}?token={TOKEN}" if tls else None
+        if tls_url:
+            for _ in range(3):
+                assert status_of(tls_url, {}) == 200
         time.sleep(6)
         for name in TARGETS:
             for attachment in (SMALL, LARGE) + ((HUGE,) if args.huge_mib else ()):
@@ -337,16 +332,17 @@ def main() -> None:
             return statistics.median(r[key] for r in results[(case, name)])
 
         print(
-            f"\ncouchtoken benchmark, {time.strftime('%Y-%m-%d')}, {server.label}, {os.cpu_count()} cores, "
-            f"wrk -t1 -d{args.seconds}s, {args.rounds} rounds (medians)\n"
+            f"\ncouchtoken benchmark, {time.strftime('%Y-%m-%d')}, {server_label(admin)}, "
+            f"{os.cpu_count()} cores, wrk -t1 -d{args.seconds}s, {args.rounds} rounds (medians)\n"
         )
         header = (
             f"{'case':<24}"
             + "".join(f"{name:>11}" for name in TARGETS)
             + f"{'ct/direct':>11}{'disk/direct':>13}"
         )
-        print(header)
-        print("-" * len(header))
+        if cases:  # not with --cases tls alone
+            print(header)
+            print("-" * len(header))
 
         def row(label: str, values: dict[str, float], unit: str, digits: int = 0) -> None:
             cells = "".join(f"{values[n]:>11.{digits}f}" if n in values else f"{'-':>11}" for n in TARGETS)
@@ -383,6 +379,33 @@ def main() -> None:
                 "couchtoken_disk_cache_hits_total", 0
             )
             print(f"\nrequests the disk service made of CouchDB in its {hits:.0f} hot downloads: {counts}")
+
+        tls_wanted = not wanted or any("tls".startswith(w) for w in wanted)
+        if tls_url and tls_wanted:
+            # Warm 1 KiB over TLS: wrk's HTTP/1.1 beside h2load's HTTP/2, alternated.
+            h1: list[dict[str, float]] = []
+            h2: list[dict[str, float]] = []
+            for _ in range(args.rounds):
+                h1.append(wrk(tls_url, 50, args.seconds, []))
+                h2.append(h2load(tls_url, 4, 50, args.seconds))
+            h1_rps = statistics.median(r["rps"] for r in h1)
+            h2_rps = statistics.median(r["rps"] for r in h2)
+            print(f"\n{'warm 1 KiB over TLS (one service)':<40}{'req/s':>10}{'non-2xx':>10}")
+            print("-" * 60)
+            print(
+                f"{'HTTP/1.1, wrk, 50 connections':<40}{h1_rps:>10.0f}{sum(r['non2xx'] for r in h1):>10.0f}"
+            )
+            print(
+                f"{'HTTP/2, h2load, 4 conn x 50 streams':<40}{h2_rps:>10.0f}"
+                f"{sum(r['non2xx'] for r in h2):>10.0f}"
+            )
+            print(
+                f"HTTP/2 / HTTP/1.1: {h2_rps / h1_rps:.2f}x; p99 HTTP/1.1 "
+                f"{statistics.median(r['p99_ms'] for r in h1):.1f} ms, mean HTTP/2 "
+                f"{statistics.median(r['mean_ms'] for r in h2):.1f} ms"
+            )
+        elif tls_wanted:
+            print("\n(h2load is missing: apt-get install nghttp2-client for the HTTP/2 case)")
 
         if args.cold_files and not wanted:
             cold_results: dict[str, list[float]] = {}
@@ -448,8 +471,6 @@ def main() -> None:
             admin.delete_db(db)
         except Exception:  # noqa: BLE001 - the server may be gone already
             pass
-        server.stop()
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ from couchtoken.ops.worker import FIRST_INHERITED_FD, Assignment
 
 PLUGIN = "couchtoken"
 STABLE_AFTER = 10.0  # seconds: a worker that ran this long is restarted at once
+SPARE_AFTER = 2.0  # seconds after the spare took a slot before the next spare starts
 STOP_GRACE = 5.0  # seconds past --drain-timeout before a worker that has not exited is killed
 RESTART_BACKOFF = backoffPolicy(
     initialDelay=0.1, maxDelay=30.0, factor=2.0, jitter=lambda: random.uniform(0, 0.1)
@@ -243,7 +244,8 @@ class Supervisor(Service):
         spare, self._spare = self._spare, None
         self._give(spare or self._spawn(), slot)
         if spare is not None:
-            self._spawn_spare()
+            # A new spare's imports would take CPU from the worker starting now: it can wait.
+            self._spare_call = self._clock.callLater(SPARE_AFTER, self._spawn_spare)
 
     def _ended(self, child: _ChildProtocol, reason: Failure) -> None:
         how = describe_end(reason)

@@ -47,6 +47,7 @@ def test_the_service_unit_keeps_secrets_off_the_command_line_and_hardens():
     service = (UNITS / "couchtoken.service").read_text()
     exec_start = next(line for line in service.splitlines() if line.startswith("ExecStart="))
     assert "systemd:domain=INET:index=0" in exec_start
+    assert "--workers auto" in exec_start
     assert "couchdb-url" not in exec_start.replace("--couchdb-url-file", "")
     for setting in (
         "DynamicUser=yes",
@@ -59,6 +60,8 @@ def test_the_service_unit_keeps_secrets_off_the_command_line_and_hardens():
         "RestrictAddressFamilies=",
         "SystemCallFilter=@system-service",
         "MemoryMax=",
+        "KillMode=mixed",  # SIGTERM to the supervisor alone: it drains its workers
+        "RuntimeDirectory=couchtoken",
         "LoadCredential=couchdb-url:",
         "COUCHDB_URL_FILE=%d/couchdb-url",
     ):

@@ -204,6 +204,35 @@ def test_two_workers_both_serve_and_the_metrics_port_sums_them(supervised, files
     )
 
 
+def test_a_burst_of_keep_alive_connections_is_spread_over_the_workers(supervised):
+    service = supervised()
+    pids = list(service.pids().values())
+    burst = [socket.create_connection(("127.0.0.1", service.twist.port), timeout=10) for _ in range(50)]
+    try:
+        deadline = time.monotonic() + 10
+        while None in (holders := [serving_pid(sock, pids) for sock in burst]):
+            assert time.monotonic() < deadline, "not every connection was accepted"
+            time.sleep(0.05)
+    finally:
+        for sock in burst:
+            sock.close()
+    shares = sorted(holders.count(pid) for pid in pids)
+    assert shares[0] >= 10, f"one worker took the burst: {shares}"
+
+
+def test_workers_stop_when_their_supervisor_is_killed(supervised):
+    service = supervised()
+    family = children(service.process.pid)
+    assert len(family) == 3, "two workers and the spare"
+    service.process.kill()
+    service.process.wait(10)
+    deadline = time.monotonic() + 10
+    while alive := [pid for pid in family if os.path.exists(f"/proc/{pid}")]:
+        assert time.monotonic() < deadline, f"orphaned workers still run: {alive}"
+        time.sleep(0.1)
+    assert "the supervisor is gone; stopping" in service.log()
+
+
 def test_a_worker_killed_under_load_is_back_within_2_s_and_only_its_downloads_fail(supervised, files):
     db, _ = files
     service = supervised()

@@ -14,7 +14,7 @@ from twisted.python.failure import Failure
 from couchtoken.ops.gather import MetricsSum, parse
 from couchtoken.ops.settings import Settings
 from couchtoken.ops.worker import Assignment, share_of, worker_settings
-from couchtoken.ops.workers import RESTART_BACKOFF, STABLE_AFTER, Supervisor, twist_arguments
+from couchtoken.ops.workers import RESTART_BACKOFF, SPARE_AFTER, STABLE_AFTER, Supervisor, twist_arguments
 from couchtoken.upstream.server import CouchDBCluster
 
 
@@ -96,6 +96,8 @@ def test_a_dead_worker_is_replaced_by_the_spare_at_once_and_a_new_spare_started(
     clock.advance(0)
     assert spare.assignment.slot == 0
     assert workers_of(supervisor)[0] == spare.pid
+    assert len(reactor.spawned) == 3, "the next spare waits for the new worker to start"
+    clock.advance(SPARE_AFTER)
     assert len(reactor.spawned) == 4 and reactor.spawned[3].assignment is None
     assert supervisor.slots[0].restarts == 1
 
@@ -245,3 +247,17 @@ def test_assignments_survive_the_line_they_travel_on():
     assert line.endswith(b"\n") and b"\n" not in line[:-1]
     assert Assignment.decode(line) == assignment
     assert json.loads(line)["slot"] == 1
+
+
+def test_workers_on_one_shared_socket_all_get_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("RUNTIME_DIRECTORY", str(tmp_path))
+    reactor = FakeReactor()
+    shared = socket.socket()
+    supervisor = Supervisor(reactor, 3, ["python"], drain_timeout=5, clock=Clock())
+    supervisor.ports_ready([shared.fileno()] * 3)  # systemd's one socket
+    supervisor.startService()
+    assignments = [process.assignment for process in reactor.spawned[:3]]
+    assert {a.public_fd for a in assignments} == {3}
+    assert len({a.ops_fd for a in assignments}) == 3
+    assert list(reactor.child_fds[0].values()).count(shared.fileno()) == 1
+    shared.close()

@@ -1,6 +1,7 @@
 """couchtoken against CouchDB itself and against its own uncached path (run by hand, not in CI).
 
     .venv/bin/python benchmarks/run.py [--seconds 5] [--rounds 2] [--memory-mib 256]
+    .venv/bin/python benchmarks/run.py --workers 1,2   (scaling over processes: benchmarks/scaling.py)
 
 Needs ``wrk`` (Debian package ``wrk``).  Starts a PouchDB Server and two
 ``twist couchtoken`` processes, seeds a 1 KiB and an 8 MiB attachment, and
@@ -99,9 +100,16 @@ def main() -> None:
         help="attachment size for the memory case (0 skips it); PouchDB Server 4.2 fails above ~100 MiB",
     )
     parser.add_argument("--cases", default="", help="comma-separated case prefixes to run (default: all)")
+    parser.add_argument(
+        "--workers", default="", help="e.g. 1,2: only warm 1 KiB per --workers count, and a worker killed"
+    )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is missing: apt-get install wrk")
+    if args.workers:
+        from benchmarks import scaling
+
+        return scaling.main(args)
 
     work = Path(tempfile.mkdtemp(prefix="couchtoken-bench-"))
     pouchdb = PouchDBServer(work / "pouchdb")

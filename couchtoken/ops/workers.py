@@ -130,7 +130,7 @@ class _ChildProtocol(ProcessProtocol):
         self.slot: WorkerSlot | None = None
 
     def processEnded(self, reason: Failure) -> None:
-        self.supervisor._ended(self, reason)
+        self.supervisor.child_ended(self, reason)
 
 
 class Supervisor(Service):
@@ -166,6 +166,7 @@ class Supervisor(Service):
         self._kill_call: Any = None
         self._spare: _ChildProtocol | None = None
         self._spare_crashes = 0
+        self._spare_started = 0.0
         self._spare_call: Any = None
         self.slots: list[WorkerSlot] = []
         self.on_ended: Callable[[WorkerSlot], None] = lambda slot: None
@@ -222,6 +223,7 @@ class Supervisor(Service):
         self._spare_call = None
         if self._stopped is None:
             self._spare = self._spawn()
+            self._spare_started = self._clock.seconds()
 
     def _give(self, child: _ChildProtocol, slot: WorkerSlot) -> None:
         """Put ``child`` to work in ``slot``: tell it which sockets are its own."""
@@ -247,7 +249,8 @@ class Supervisor(Service):
             # A new spare's imports would take CPU from the worker starting now: it can wait.
             self._spare_call = self._clock.callLater(SPARE_AFTER, self._spawn_spare)
 
-    def _ended(self, child: _ChildProtocol, reason: Failure) -> None:
+    def child_ended(self, child: _ChildProtocol, reason: Failure) -> None:
+        """A worker or the spare ended: replace it (unless stopping), with backoff if it keeps ending."""
         how = describe_end(reason)
         slot = child.slot
         if slot is None:  # the spare
@@ -256,6 +259,8 @@ class Supervisor(Service):
             if self._stopped is not None:
                 self._finish_if_all_ended()
                 return
+            if self._clock.seconds() - self._spare_started >= STABLE_AFTER:
+                self._spare_crashes = 0
             delay = RESTART_BACKOFF(self._spare_crashes)
             self._spare_crashes += 1
             _log.warn("The spare worker {how}; starting another in {delay:.1f} s", how=how, delay=delay)

@@ -261,3 +261,17 @@ def test_workers_on_one_shared_socket_all_get_it(tmp_path, monkeypatch):
     assert len({a.ops_fd for a in assignments}) == 3
     assert list(reactor.child_fds[0].values()).count(shared.fileno()) == 1
     shared.close()
+
+
+def test_a_spare_that_dies_is_started_again_with_backoff(supervisor):
+    supervisor, reactor, clock = supervisor
+    spare = reactor.spawned[2]
+    spare.end(KILLED)
+    assert len(reactor.spawned) == 3
+    clock.advance(0.25)
+    assert len(reactor.spawned) == 4 and reactor.spawned[3].assignment is None
+    reactor.spawned[3].end(KILLED)
+    clock.advance(0.19)
+    assert len(reactor.spawned) == 4, "the second start waits longer (0.2 s and jitter)"
+    clock.advance(0.12)
+    assert len(reactor.spawned) == 5

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -93,6 +94,7 @@ def test_help_documents_every_option():
         "--connect-timeout",
         "--response-timeout",
         "--max-connections",
+        "--workers",
         "COUCHDB_URL",
         "DOWNLOAD_TOKEN_KEY_NAME",
     ):
@@ -182,3 +184,12 @@ def test_stopping_logs_no_warning(couch_server, admin, db, tmp_path):
     assert "couchtoken starting" in log
     assert "CancelledError" not in log
     assert "#warn]" not in log and "#error]" not in log and "#critical]" not in log, log[-3000:]
+
+
+def test_workers_auto_is_one_per_cpu_this_process_may_use():
+    options = Options(environ={})
+    options.parseOptions(["--workers", "auto"])
+    assert options["workers"] == len(os.sched_getaffinity(0))
+    options = Options(environ={})
+    options.parseOptions([])
+    assert options["workers"] == 1

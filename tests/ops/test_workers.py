@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -401,6 +402,56 @@ def test_workers_on_a_unix_socket_leave_its_path_to_the_supervisor(supervised, f
     assert service.process.wait(30) == 0, service.log()[-3000:]
     assert not path.exists()
     assert "Traceback" not in service.log()
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    """A throwaway key and certificate for 127.0.0.1 (``cryptography`` comes with ``twisted[tls]``)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .sign(key, hashes.SHA256())
+    )
+    key_path, cert_path = directory / "key.pem", directory / "cert.pem"
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    return key_path, cert_path
+
+
+def test_workers_serve_tls_on_an_ssl_port(supervised, files, tmp_path):
+    db, _ = files
+    key, cert = _self_signed(tmp_path)
+    port = free_port()
+    service = supervised(port=f"ssl:{port}:interface=127.0.0.1:privateKey={key}:certKey={cert}")
+    context = ssl.create_default_context(cafile=str(cert))
+    context.check_hostname = False
+    url = f"https://127.0.0.1:{port}/{db}/doc/small.txt?token={TOKEN}"
+
+    def get_tls(_: object) -> bytes:
+        with urllib.request.urlopen(url, timeout=30, context=context) as response:
+            return response.read()
+
+    with ThreadPoolExecutor(8) as pool:
+        assert set(pool.map(get_tls, range(24))) == {SMALL}
+    assert all(count > 0 for count in service.workers()["requests"].values())
 
 
 def test_ctrl_c_stops_the_supervisor_and_every_worker_quietly(couch_server, files, tmp_path):

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import socket
 import sys
 from typing import Any
@@ -225,11 +224,9 @@ def make_worker_service(
 ) -> MultiService:
     """Wait for a slot, then the service tree of the worker in it: the download service on its sockets.
 
-    SIGINT is ignored from the start (a Ctrl-C reaches the whole process
-    group; the supervisor decides when workers stop, with SIGTERM), and
-    Twisted leaves an ignored SIGINT alone.
+    (Started through ``couchtoken.ops.twist_worker``, the process ignores
+    SIGINT: the supervisor decides when workers stop.)
     """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     assignment = wait_for_assignment()
     if assignment is None:
         raise SystemExit(0)

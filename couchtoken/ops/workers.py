@@ -77,11 +77,11 @@ def twist_arguments(plugin_arguments: Sequence[str], argv: Sequence[str] | None 
 
 
 def worker_command(plugin_arguments: Sequence[str], count: int, runner: Sequence[str]) -> list[str]:
-    """``python -m twisted <runner options> couchtoken <options> --workers N --worker``."""
+    """``twist <runner options> couchtoken <options> --workers N --worker``, SIGINT ignored from the start."""
     return [
         sys.executable,
         "-m",
-        "twisted",
+        "couchtoken.ops.twist_worker",
         *runner,
         PLUGIN,
         *plugin_arguments,

@@ -6,10 +6,12 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import ssl
 import subprocess
+import tempfile
 import threading
 import time
 import urllib.error
@@ -121,8 +123,8 @@ def supervised(couch_server, tmp_path):
 
     def start(*args: str, **kwargs) -> Supervised:
         service = Supervised(tmp_path, couch_server.url, *args, **kwargs)
+        started.append(service)  # stopped afterwards even if it never got ready
         service.start()
-        started.append(service)
         return service
 
     yield start
@@ -221,16 +223,24 @@ def test_a_burst_of_keep_alive_connections_is_spread_over_the_workers(supervised
     assert shares[0] >= 10, f"one worker took the burst: {shares}"
 
 
-def test_workers_stop_when_their_supervisor_is_killed(supervised):
-    service = supervised()
-    family = children(service.process.pid)
-    assert len(family) == 3, "two workers and the spare"
-    service.process.kill()
-    service.process.wait(10)
-    deadline = time.monotonic() + 10
-    while alive := [pid for pid in family if os.path.exists(f"/proc/{pid}")]:
-        assert time.monotonic() < deadline, f"orphaned workers still run: {alive}"
-        time.sleep(0.1)
+def test_workers_stop_when_their_supervisor_is_killed(couch_server, tmp_path):
+    # A supervisor killed with SIGKILL cannot remove its sockets' directory: keep it in one of ours.
+    runtime = Path(tempfile.mkdtemp(prefix="couchtoken-test-runtime-"))
+    service = Supervised(tmp_path, couch_server.url)
+    service.twist.env["RUNTIME_DIRECTORY"] = str(runtime)
+    try:
+        service.start()
+        family = children(service.process.pid)
+        assert len(family) == 3, "two workers and the spare"
+        service.process.kill()
+        service.process.wait(10)
+        deadline = time.monotonic() + 10
+        while alive := [pid for pid in family if os.path.exists(f"/proc/{pid}")]:
+            assert time.monotonic() < deadline, f"orphaned workers still run: {alive}"
+            time.sleep(0.1)
+    finally:
+        service.stop()
+        shutil.rmtree(runtime, ignore_errors=True)
     assert "the supervisor is gone; stopping" in service.log()
 
 

@@ -1,6 +1,7 @@
 """couchtoken against CouchDB itself, its own uncached path and its disk cache (run by hand, not in CI).
 
     .venv/bin/python benchmarks/run.py [--couchdb pouchdb|release|URL] [--seconds 5] [--rounds 2]
+    .venv/bin/python benchmarks/run.py --workers 1,2   (scaling over processes: benchmarks/scaling.py)
 
 Needs ``wrk`` and ``curl`` (Debian packages).  ``--couchdb`` picks the server
 (see ``benchmarks/servers.py``): ``pouchdb`` (the default) starts a PouchDB
@@ -199,10 +200,17 @@ def main() -> None:
     parser.add_argument(
         "--cases", default="", help="comma-separated case prefixes to run, e.g. 1,tls (default: all)"
     )
+    parser.add_argument(
+        "--workers", default="", help="e.g. 1,2: only warm 1 KiB per --workers count, and a worker killed"
+    )
     args = parser.parse_args()
     for tool in ("wrk", "curl"):
         if shutil.which(tool) is None:
             sys.exit(f"{tool} is missing: apt-get install {tool}")
+    if args.workers:
+        from benchmarks import scaling
+
+        return scaling.main(args)
 
     work = Path(tempfile.mkdtemp(prefix="couchtoken-bench-"))
     try:

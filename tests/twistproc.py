@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from couchtoken.dev.pouchdb import ROOT, free_port
@@ -59,7 +60,8 @@ class TwistProcess:
     def base_url(self) -> str:
         return f"{self.scheme}://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 30) -> None:
+    def start(self, timeout: float = 30, ready: Callable[[], bool] | None = None) -> None:
+        """Start it; return once its port accepts connections (or ``ready()`` says so)."""
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         self.process = subprocess.Popen(
             self.command,
@@ -75,6 +77,11 @@ class TwistProcess:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"twist exited: {self.log_path.read_text()[-2000:]}")
+            if ready is not None:
+                if ready():
+                    return
+                time.sleep(0.1)
+                continue
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
                 return
@@ -102,3 +109,34 @@ class TwistProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+
+def children(pid: int) -> list[int]:
+    """The child processes of ``pid``, from /proc."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(child) for child in (task / "children").read_text().split()]
+    return found
+
+
+def serving_pid(client: socket.socket, pids: list[int]) -> int | None:
+    """Which of ``pids`` holds the server side of the TCP connection ``client`` (IPv4), from /proc."""
+    server_port = client.getpeername()[1]
+    client_port = client.getsockname()[1]
+    inode = None
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local_port = int(fields[1].split(":")[1], 16)
+        remote_port = int(fields[2].split(":")[1], 16)
+        if (local_port, remote_port) == (server_port, client_port):
+            inode = fields[9]
+    if inode is None:
+        return None
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                if os.readlink(fd) == f"socket:[{inode}]":
+                    return pid
+            except OSError:
+                continue
+    return None

@@ -44,8 +44,15 @@ class Couchtoken:
     startup: CouchDBClientService
 
 
-def build(settings: Settings, reactor: Any) -> Couchtoken:
-    """Wire the CouchDB client, the feeds, the cache, metrics and the web sites."""
+def build(settings: Settings, reactor: Any, *, metrics_on_public_port: bool | None = None) -> Couchtoken:
+    """Wire the CouchDB client, the feeds, the cache, metrics and the web sites.
+
+    ``/_metrics`` is on the public port unless there is a ``--metrics-port``
+    (or ``metrics_on_public_port`` says otherwise: a worker's figures alone
+    are not the service's).
+    """
+    if metrics_on_public_port is None:
+        metrics_on_public_port = settings.metrics_port is None
     client = CouchDBClient(
         settings.couchdb,
         reactor,
@@ -128,7 +135,7 @@ def build(settings: Settings, reactor: Any) -> Couchtoken:
         in_flight,
         metrics=metrics,
         clock=reactor,
-        operator_pages=ops.public_pages(with_metrics=settings.metrics_port is None),
+        operator_pages=ops.public_pages(with_metrics=metrics_on_public_port),
         databases=settings.databases,
         max_link_lifetime=settings.max_link_lifetime,
         throttle=GuessThrottle(

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from collections.abc import Mapping
+import sys
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from twisted.application.service import MultiService
@@ -20,6 +21,8 @@ from couchtoken.access.throttle import UNIX_PEERS
 from couchtoken.ops.lifecycle import ExitCleanlyOnSigterm, ListeningPort
 from couchtoken.ops.services import build
 from couchtoken.ops.settings import DEFAULT_TOKEN_FIELD, Settings, parse_token_field
+from couchtoken.ops.worker import make_worker_service
+from couchtoken.ops.workers import cpu_count, make_supervisor_service
 from couchtoken.upstream.diskcache import directory_problem
 from couchtoken.upstream.server import DEFAULT_COUCHDB_URL, ConfigError, CouchDBCluster
 
@@ -52,6 +55,17 @@ def _at_least_one(value: str) -> int:
 
 
 _at_least_one.coerceDoc = "A whole number, 1 or more."  # type: ignore[attr-defined]
+
+
+def _workers(value: str) -> int:
+    if value == "auto":
+        return cpu_count()
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError("must be a whole number, 1 or more, or auto")
+    return int(value)
+
+
+_workers.coerceDoc = "A whole number, 1 or more, or auto (one per CPU)."  # type: ignore[attr-defined]
 
 
 def _log_format(value: str) -> str:
@@ -306,7 +320,16 @@ class Options(usage.Options):
             "Endpoint serving /_metrics and /_health apart (e.g. tcp:9100:interface=127.0.0.1); "
             "when given, /_metrics leaves the public port.",
         ],
+        [
+            "workers",
+            None,
+            1,
+            "Processes accepting on the port: a number, or auto for one per CPU. Past 1, a supervisor "
+            "opens the ports, restarts workers that die and sums their metrics on --metrics-port.",
+            _workers,
+        ],
     ]
+    optFlags = [["worker", None, "Internal: set by --workers on the processes it starts."]]
 
     optFlags = [
         ["no-http2", None, "Offer only HTTP/1.1 on TLS ports (by default ALPN offers h2 first)."],
@@ -315,6 +338,12 @@ class Options(usage.Options):
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
         super().__init__()
         self._environ = os.environ if environ is None else environ
+        self.arguments: list[str] = []
+
+    def parseOptions(self, options: Sequence[str] | None = None) -> None:
+        # Kept for --workers, which starts its workers with the same arguments.
+        self.arguments = list(sys.argv[1:] if options is None else options)
+        super().parseOptions(options)
 
     def _couchdb_url(self) -> str:
         """Command line first, then the environment; a URL or a file holding one, not both."""
@@ -335,7 +364,8 @@ class Options(usage.Options):
         return DEFAULT_COUCHDB_URL
 
     def postOptions(self) -> None:
-        _endpoint("port", self["port"])
+        if not self["worker"]:  # a worker's port is the socket its supervisor opened
+            _endpoint("port", self["port"])
         if self["metrics-port"] is not None:
             _endpoint("metrics-port", self["metrics-port"])
         if self["disk-cache-dir"]:
@@ -381,12 +411,16 @@ class Options(usage.Options):
 
 
 def makeService(config: Options, reactor: Any = None) -> MultiService:
-    """The service tree ``twist couchtoken`` runs."""
+    """The service tree ``twist couchtoken`` runs: one process, or a supervisor, or one of its workers."""
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
     settings: Settings = config["settings"]
+    if config["worker"]:
+        return make_worker_service(settings, config["port"], config["workers"], reactor)
+    if config["workers"] > 1:
+        return make_supervisor_service(settings, config["port"], config["workers"], config.arguments, reactor)
     parts = build(settings, reactor)
     # Stopping runs in reverse order: the ports close first, then downloads drain.
     ports = [(config["port"], parts.site)]

@@ -136,6 +136,7 @@ def test_help_documents_every_option():
         "--disk-cache-dir",
         "--disk-cache-bytes",
         "--disk-cache-max-item",
+        "--workers",
         "COUCHDB_URL",
         "DOWNLOAD_TOKEN_KEY_NAME",
     ):
@@ -279,3 +280,12 @@ def test_the_readme_way_to_run_it_logs_readable_lines_off_a_terminal(couch_serve
     lines = [line for line in log.read_text().splitlines() if line.strip()]
     assert any("couchtoken starting" in line for line in lines)
     assert not any(line.lstrip().startswith("{") for line in lines), lines[:5]
+
+
+def test_workers_auto_is_one_per_cpu_this_process_may_use():
+    options = Options(environ={})
+    options.parseOptions(["--workers", "auto"])
+    assert options["workers"] == len(os.sched_getaffinity(0))
+    options = Options(environ={})
+    options.parseOptions([])
+    assert options["workers"] == 1

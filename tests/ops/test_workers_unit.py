@@ -157,8 +157,11 @@ def test_an_idle_supervisor_stops_at_once(tmp_path):
 def test_per_client_budgets_are_divided_among_workers():
     assert [share_of(30, n) for n in (1, 2, 4, 7, 32)] == [30, 15, 8, 5, 1]
     assert share_of(0, 4) == 0, "no limit stays no limit"
-    settings = Settings(couchdb=CouchDBCluster.from_urls("http://h:5984"), max_failures=5)
-    assert worker_settings(settings, 2).max_failures == 3
+    settings = Settings(
+        couchdb=CouchDBCluster.from_urls("http://h:5984"), max_failures=5, max_client_failures=9
+    )
+    divided = worker_settings(settings, 2)
+    assert (divided.max_failures, divided.max_client_failures) == (3, 5)
 
 
 def test_workers_get_the_twist_runners_own_options():

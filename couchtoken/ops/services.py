@@ -59,9 +59,14 @@ def build(settings: Settings, reactor: Any) -> Couchtoken:
         maxsize=settings.cache_size,
         ttl=settings.cache_ttl,
     )
-    feeds.on_change = documents.evict
-    feeds.on_gap = documents.drop_database
     blobs = BlobCache(settings.blob_cache_bytes, settings.blob_cache_max_item)
+    feeds.on_change = documents.evict
+
+    def gap(db: str) -> None:  # the database may be gone: nothing of it may be served from memory
+        documents.drop_database(db)
+        blobs.drop_database(db)
+
+    feeds.on_gap = gap
     metrics = Metrics()
     metrics.watch(
         lambda: {

@@ -3,7 +3,8 @@
 ``fetch_document`` reads ``GET /<db>/<docid>?att_encoding_info=true``; ``open_attachment`` starts
 ``GET /<db>/<docid>/<attachment>?rev=<rev>`` and hands back the unread
 response so its body can be streamed; ``open_changes`` starts a database's
-continuous ``_changes`` feed; ``probe`` asks ``GET /_up`` for health checks.
+continuous ``_changes`` feed; ``latest_change`` reads a database's latest change for
+the feeds' database checks; ``probe`` asks ``GET /_up`` for health checks.
 Every request goes to the first node of the cluster that answers (see
 ``couchtoken.upstream.nodes``).
 
@@ -30,6 +31,7 @@ from couchtoken.upstream.nodes import NodeSet
 from couchtoken.upstream.server import CouchDBCluster, CouchDBServer, as_cluster
 
 DOCUMENT_QUERY = "att_encoding_info=true"
+LATEST_CHANGE_QUERY = "descending=true&limit=1"
 MAX_DOCUMENT_BYTES = 16 * 1024 * 1024
 MAX_ERROR_BODY_BYTES = 64 * 1024
 _USER_AGENT = f"couchtoken/{__version__}".encode("ascii")
@@ -129,6 +131,7 @@ class CouchDBClient:
         feed_pool._factory = _QuietClientFactory
         self._feed_agent = Agent(reactor, connectTimeout=connect_timeout, pool=feed_pool)
         self._health_path = "/_up"
+        self._has_up: bool | None = None  # whether the server answers GET /_up (learnt by a health check)
 
     def __repr__(self) -> str:
         return f"CouchDBClient({', '.join(repr(n) for n in self.nodes.nodes)})"
@@ -194,9 +197,13 @@ class CouchDBClient:
         if response.code != 200:
             await self.discard(response)
             raise _status_error(response.code)
+        return await self._read_object(response, "document")
+
+    async def _read_object(self, response: IResponse, noun: str) -> dict[str, Any]:
+        """The response's body as a JSON object (bounded in size and time)."""
         try:
             reading = Deferred.fromCoroutine(read_limited(response, MAX_DOCUMENT_BYTES))
-            body = await self._with_timeout(reading, "a whole document")
+            body = await self._with_timeout(reading, f"a whole {noun}")
         except defer.CancelledError:
             raise
         except UpstreamError:
@@ -204,12 +211,50 @@ class CouchDBClient:
         except Exception as exc:  # noqa: BLE001
             raise _translate(exc) from None
         try:
-            document = json.loads(body)
+            found = json.loads(body)
         except ValueError:
-            raise UpstreamError("garbage", "CouchDB sent a document that is not JSON") from None
-        if not isinstance(document, dict):
-            raise UpstreamError("garbage", "CouchDB sent a document that is not an object")
-        return document
+            raise UpstreamError("garbage", f"CouchDB sent a {noun} that is not JSON") from None
+        if not isinstance(found, dict):
+            raise UpstreamError("garbage", f"CouchDB sent a {noun} that is not an object")
+        return found
+
+    async def latest_change(self, db: str, timeout: float) -> dict[str, Any] | None:
+        """The database's latest ``_changes`` row (``{"last_seq": 0}`` when it has none); None if missing.
+
+        ``GET /<db>/_changes?descending=true&limit=1``: the feeds' database check.
+        """
+        response = await self._request(
+            f"/{encode_segment(db)}/_changes",
+            LATEST_CHANGE_QUERY,
+            what="a database check",
+            timeout=timeout,
+            accept=b"application/json",
+        )
+        if response.code == 404:
+            await self.discard(response)
+            return None
+        if response.code != 200:
+            await self.discard(response)
+            raise _status_error(response.code)
+        found = await self._read_object(response, "changes answer")
+        results = found.get("results")
+        if isinstance(results, list) and results and isinstance(results[0], dict):
+            return results[0]
+        return {"last_seq": found.get("last_seq")}
+
+    async def feeds_end_with_database(self) -> bool:
+        """Whether the server ends a database's feeds when the database is deleted.
+
+        Learnt from the health check, with no request of its own: Apache
+        CouchDB 2 and later answer ``GET /_up`` and end those feeds; a server
+        without ``/_up`` (PouchDB Server) is taken not to.  Raises
+        UpstreamError while no node has answered yet.
+        """
+        if self._has_up is None:
+            problem = await self.probe(self._response_timeout)
+            if self._has_up is None:
+                raise UpstreamError("connect", problem or "CouchDB did not answer")
+        return self._has_up
 
     async def open_attachment(
         self,
@@ -270,9 +315,12 @@ class CouchDBClient:
                 asked = self._get(_url(server, path), headers)
                 response = await self._with_timeout(Deferred.fromCoroutine(asked), "a health check", timeout)
                 await self.discard(response)
+                if path == "/_up" and response.code == 200:
+                    self._has_up = True
                 if response.code != 404 or path == "/":
                     break
                 path = self._health_path = "/"  # a server without /_up (PouchDB Server): ask / from now on
+                self._has_up = False
         except UpstreamError as exc:
             return exc.detail
         if response.code != 200:

@@ -24,11 +24,13 @@ def attachment_requests(service, db):
     return [t for t in service.couchdb_targets() if "?rev=" in t and t.startswith(f"GET /{db}/")]
 
 
-async def warm(service, db, docid="doc", attachment="f.txt", token=TOKEN):
+async def warm(service, db, docid="doc", attachment="f.txt", token=TOKEN, timeout=5):
     """Make the document cached: wait for its feed, then look it up once."""
     await fetch(service.url(db, docid, attachment, token), "HEAD")
     feeds = service.app.feeds
-    assert await wait_until(lambda: any(f.db == db and f.live for f in feeds.feeds()), 5), "feed never live"
+    assert await wait_until(lambda: any(f.db == db and f.fresh() for f in feeds.feeds()), timeout), (
+        "feed never live"
+    )
     await fetch(service.url(db, docid, attachment, token), "HEAD")
     before = len(doc_requests(service, db, docid))
     await fetch(service.url(db, docid, attachment, token), "HEAD")
@@ -88,7 +90,7 @@ async def test_negative_entries_spare_couchdb(start_service, admin, db):
     service = await start_service(feed_heartbeat=HEARTBEAT)
     admin.put(db, "tokenless", {"title": "no token here"})
     await fetch(service.url(db, "nodoc", "f.txt", "x"))
-    assert await wait_until(lambda: any(f.live for f in service.app.feeds.feeds()), 5)
+    assert await wait_until(lambda: any(f.fresh() for f in service.app.feeds.feeds()), 5)
     for docid in ("nodoc", "tokenless"):
         await fetch(service.url(db, docid, "f.txt", "x"))
         before = len(service.couchdb_targets())
@@ -135,7 +137,7 @@ async def test_a_token_added_later_works_within_a_second(start_service, admin, d
     admin.put(db, "doc", {"title": "no token yet"})
     admin.put_attachment(db, "doc", "f.txt", b"later")
     await fetch(service.url(db, "doc", "f.txt", "new"))
-    assert await wait_until(lambda: any(f.live for f in service.app.feeds.feeds()), 5)
+    assert await wait_until(lambda: any(f.fresh() for f in service.app.feeds.feeds()), 5)
     assert (await fetch(service.url(db, "doc", "f.txt", "new"))).status == 403  # cached negative
     admin.put(db, "doc", {"download_token": "new"})
     assert await until_status(service.url(db, "doc", "f.txt", "new"), 200) is not None
@@ -192,7 +194,7 @@ async def test_a_silent_feed_is_noticed_and_replaced(start_service, admin, db, d
     await warm(service, db)
     (feed,) = service.app.feeds.feeds()
     epoch = feed.epoch
-    service.proxy.silence("_changes")
+    service.proxy.silence("feed=continuous")
     admin.put(db, doc, {"download_token": "changed-while-silent"})
     assert await until_status(service.url(db, doc, "f.txt", TOKEN), 403, timeout=5) is not None
     assert await wait_until(lambda: feed.live and feed.epoch > epoch, 5)
@@ -214,10 +216,12 @@ async def test_a_missing_database_gets_no_feed_for_a_while(start_service):
     url = service.url("ct-never-created", "doc", "f.txt", TOKEN)
     assert (await fetch(url)).status == 403
     assert await wait_until(lambda: service.app.feeds.feeds() == [], 5)
-    feed_requests = len([t for t in service.couchdb_targets() if "_changes" in t])
+    feed_requests = len([t for t in service.couchdb_targets(feeds=True) if "feed=continuous" in t])
     for _ in range(10):
         assert (await fetch(url)).status == 403
-    assert len([t for t in service.couchdb_targets() if "_changes" in t]) == feed_requests == 1
+    assert (
+        len([t for t in service.couchdb_targets(feeds=True) if "feed=continuous" in t]) == feed_requests == 1
+    )
 
 
 @pytest_twisted.ensureDeferred
@@ -249,7 +253,7 @@ async def test_feeds_reconnect_after_couchdb_restarts(start_service, couch_serve
     service = await start_service(feed_heartbeat=HEARTBEAT)
     await warm(service, db)
     couch_server.restart()
-    assert await wait_until(lambda: all(f.live for f in service.app.feeds.feeds()), 10)
+    assert await wait_until(lambda: all(f.fresh() for f in service.app.feeds.feeds()), 10)
     await warm(service, db)
     admin.put(db, doc, {"download_token": "after-restart"})
     assert await until_status(service.url(db, doc, "f.txt", TOKEN), 403) is not None
@@ -259,8 +263,42 @@ async def test_feeds_reconnect_after_couchdb_restarts(start_service, couch_serve
 async def test_feeds_stop_with_the_service(start_service, db, doc):
     service = await start_service(feed_heartbeat=HEARTBEAT)
     await warm(service, db)
-    feed_connections = service.proxy.connections_for("_changes")
+    feed_connections = service.proxy.connections_for("feed=continuous")
     assert any(c.open for c in feed_connections)
     await service.app.service.stopService()
     assert await wait_until(lambda: not any(c.open for c in feed_connections), 2)
     service.app.service.startService()  # the fixture stops it again
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("writes", ["fewer", "as-many", "more"])
+async def test_a_database_deleted_and_created_again_is_followed_anew(start_service, admin, db, doc, writes):
+    """PouchDB Server keeps heartbeating the feed of a deleted database: that feed must not vouch on.
+
+    The new database's latest seq ends lower than, equal to, or above the old one's.
+    Default heartbeat: a revoked token must stop opening within 3 s.
+    """
+    service = await start_service()
+    await warm(service, db)
+    old = await fetch(service.url(db, doc, "f.txt", TOKEN))
+    assert (old.status, old.body) == (200, b"cached body")  # the blob cache holds the old bytes now
+    admin.delete_db(db)
+    admin.create_db(db)
+    admin.put(db, doc, {"download_token": "second"})
+    if writes != "fewer":
+        admin.put_attachment(db, doc, "f.txt", b"second body", "text/plain")
+    if writes == "more":
+        for i in range(3):
+            admin.put(db, f"other-{i}", {})
+    assert await until_status(service.url(db, doc, "f.txt", TOKEN), 403, timeout=3) is not None, (
+        "the deleted database's token still opens"
+    )
+    if writes == "fewer":
+        admin.put_attachment(db, doc, "f.txt", b"second body", "text/plain")
+    assert await until_status(service.url(db, doc, "f.txt", "second"), 200, timeout=3) is not None
+    assert (await fetch(service.url(db, doc, "f.txt", "second"))).body == b"second body"
+    await warm(service, db, token="second", timeout=10)  # the new database is followed and cached
+    admin.put(db, doc, {"download_token": "third"})
+    assert await until_status(service.url(db, doc, "f.txt", "second"), 403, timeout=3) is not None, (
+        "a token revoked in the new database still opens"
+    )

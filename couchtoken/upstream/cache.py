@@ -98,12 +98,13 @@ class DocumentCache:
                 self.hits += 1
                 return entry.summary, True
         self.misses += 1
-        flight = self._flights.get(key)
-        if flight is None:
-            flight = self._flights[key] = _Flight(epoch=epoch)
-            self._take_off(key, flight)
         waiter: Deferred[DocumentSummary | None] = Deferred()
-        flight.waiters.append(waiter)
+        flight = self._flights.get(key)
+        if flight is not None:
+            flight.waiters.append(waiter)
+        else:
+            flight = self._flights[key] = _Flight(epoch=epoch, waiters=[waiter])
+            self._take_off(key, flight)  # may land at once: the waiter is on board already
         return await waiter, False
 
     def _take_off(self, key: Key, flight: _Flight) -> None:

@@ -254,3 +254,28 @@ def test_a_one_entry_cache_works():
     fetches.answer()
     lookup(cache)
     assert fetches.count == 1
+
+
+def test_a_fetch_that_fails_at_once_fails_its_lookup_instead_of_hanging():
+    clock, feeds = Clock(), Feeds()
+
+    async def failing_at_once(db: str, docid: str) -> Any:
+        raise UpstreamError("connect", "refused before any wait")
+
+    cache = DocumentCache(failing_at_once, FIELD, feeds, clock, maxsize=100, ttl=60)
+    failed = lookup(cache)
+    assert failed.called, "the lookup hangs"
+    assert isinstance(failed.result.value, UpstreamError)
+    failed.addErrback(lambda failure: None)
+    assert cache._flights == {}
+
+
+def test_a_fetch_that_answers_at_once_answers_its_lookup():
+    clock, feeds = Clock(), Feeds()
+
+    async def answering_at_once(db: str, docid: str) -> Any:
+        return {"_id": docid, "_rev": "1-a", "download_token": "t"}
+
+    cache = DocumentCache(answering_at_once, FIELD, feeds, clock, maxsize=100, ttl=60)
+    found = lookup(cache)
+    assert found.called and found.result.accepts(b"t")

@@ -42,6 +42,8 @@ class FeedStatus(Protocol):
 
     def live_epoch(self, db: str) -> int | None: ...
 
+    def served(self, db: str) -> None: ...
+
 
 @attrs.frozen
 class _Entry:
@@ -129,6 +131,11 @@ class DocumentCache:
         if self._feeds.live_epoch(key[0]) != flight.epoch:
             return  # the feed had a gap while we fetched
         self._entries[key] = _Entry(summary=summary, epoch=flight.epoch)
+
+    def served(self, db: str) -> None:
+        """A token check in ``db`` passed: its documents are worth following (and caching)."""
+        if self.enabled and self._feeds is not None:
+            self._feeds.served(db)
 
     def evict(self, db: str, docid: str) -> None:
         """A change for this document arrived: forget it, and do not store a fetch in flight."""

@@ -35,7 +35,6 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-from cachetools import TTLCache
 from twisted.application.internet import backoffPolicy
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import CancelledError, Deferred
@@ -322,7 +321,7 @@ class ChangesFeed(Service):
 
 
 class FeedManager(MultiService):
-    """Starts feeds on demand, at most ``max_feeds`` of them (least recently used go first)."""
+    """Follows the databases served most recently, at most ``max_feeds`` (least recently served go first)."""
 
     def __init__(
         self,
@@ -331,7 +330,6 @@ class FeedManager(MultiService):
         *,
         max_feeds: int,
         heartbeat: float,
-        gone_hold: float = 5.0,
         policy: Callable[[int], float] | None = None,
     ) -> None:
         super().__init__()
@@ -341,23 +339,26 @@ class FeedManager(MultiService):
         self._heartbeat = heartbeat
         self._policy = policy
         self._feeds: OrderedDict[str, ChangesFeed] = OrderedDict()
-        self._gone: TTLCache[str, bool] = TTLCache(maxsize=10_000, ttl=gone_hold, timer=clock.seconds)
         self._retired_reconnects = 0
         self.on_change: OnChange = lambda db, docid: None
         self.on_gap: OnGap = lambda db: None
 
     def live_epoch(self, db: str) -> int | None:
-        """The live epoch of ``db``'s feed, starting the feed if there is none yet."""
+        """The live epoch of ``db``'s feed, if it has one that may be trusted now (never starts one)."""
         feed = self._feeds.get(db)
-        if feed is None:
-            if not self.running or self._max_feeds <= 0:
-                return None
-            if db in self._gone:
-                return None  # recently found missing: no feed (and no caching) for a while
-            feed = self._start(db)
-        else:
+        return feed.epoch if feed is not None and feed.fresh() else None
+
+    def served(self, db: str) -> None:
+        """A token check in ``db`` passed: follow ``db``, before the databases served less recently.
+
+        Only this starts a feed or moves one up, so requests that fail (names
+        made up, wrong tokens) cost no feed and push none out.
+        """
+        feed = self._feeds.get(db)
+        if feed is not None:
             self._feeds.move_to_end(db)
-        return feed.epoch if feed.fresh() else None
+        elif self.running and self._max_feeds > 0:
+            self._start(db)
 
     def _start(self, db: str) -> ChangesFeed:
         while len(self._feeds) >= self._max_feeds:
@@ -390,7 +391,6 @@ class FeedManager(MultiService):
         self.on_gap(db)
 
     def _forget(self, db: str) -> None:
-        self._gone[db] = True
         self._feeds.pop(db, None)
         self._stop(db)
 

@@ -150,6 +150,7 @@ class DownloadApp:
         request.cache_status = "hit" if cached else "miss"
         if summary is None or not credential.test(summary):
             raise forbidden(credential.refusal, guess=True)
+        self._documents.served(target.db)
         info = summary.attachments.get(target.attachment)
         if info is None:
             raise HTTPAnswer(404, "not_found", "no such attachment")

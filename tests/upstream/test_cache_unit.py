@@ -20,10 +20,14 @@ class Feeds:
         self.epoch = epoch
         self.others: int | None = None
         self.asked: list[str] = []
+        self.served_dbs: list[str] = []
 
     def live_epoch(self, db: str) -> int | None:
         self.asked.append(db)
         return self.epoch if db == "db" else self.others
+
+    def served(self, db: str) -> None:
+        self.served_dbs.append(db)
 
 
 class Fetches:
@@ -279,3 +283,15 @@ def test_a_fetch_that_answers_at_once_answers_its_lookup():
     cache = DocumentCache(answering_at_once, FIELD, feeds, clock, maxsize=100, ttl=60)
     found = lookup(cache)
     assert found.called and found.result.accepts(b"t")
+
+
+def test_a_passed_check_asks_the_feeds_to_follow_its_database():
+    cache, clock, fetches, feeds = make()
+    cache.served("db")
+    assert feeds.served_dbs == ["db"]
+
+
+def test_a_disabled_cache_follows_nothing():
+    cache, clock, fetches, feeds = make(maxsize=0)
+    cache.served("db")
+    assert feeds.served_dbs == []

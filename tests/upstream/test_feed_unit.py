@@ -247,17 +247,33 @@ def test_the_manager_bounds_feeds_and_reports_live_epochs():
     gaps = []
     manager.on_gap = gaps.append
     manager.startService()
+    manager.served("a")
     assert manager.live_epoch("a") is None  # started, not live yet
     client.answer()
     assert manager.live_epoch("a") == 1
-    manager.live_epoch("b")
+    manager.served("b")
     client.answer()
-    manager.live_epoch("a")  # a is now the most recently used
-    manager.live_epoch("c")
+    manager.served("a")  # a is now the most recently served
+    manager.served("c")
     assert sorted(f.db for f in manager.feeds()) == ["a", "c"]
     assert "b" in gaps
     manager.stopService()
     assert manager.feeds() == [] or all(not f.running for f in manager.feeds())
+
+
+def test_asking_for_an_epoch_neither_starts_a_feed_nor_moves_one_up():
+    clock, client = Clock(), FakeClient()
+    manager = FeedManager(client, clock, max_feeds=2, heartbeat=1.0)  # type: ignore[arg-type]
+    manager.startService()
+    assert manager.live_epoch("unknown") is None
+    assert client.calls == 0
+    manager.served("a")
+    manager.served("b")
+    for _ in range(10):
+        manager.live_epoch("a")  # looked up (a miss, a failed check...), never served
+    manager.served("c")
+    assert sorted(f.db for f in manager.feeds()) == ["b", "c"]
+    manager.stopService()
 
 
 @pytest.mark.parametrize("max_feeds", [0])
@@ -265,6 +281,7 @@ def test_no_feeds_means_no_live_epoch(max_feeds):
     clock, client = Clock(), FakeClient()
     manager = FeedManager(client, clock, max_feeds=max_feeds, heartbeat=1.0)  # type: ignore[arg-type]
     manager.startService()
+    manager.served("a")
     assert manager.live_epoch("a") is None
     assert client.calls == 0
 
@@ -285,7 +302,7 @@ def test_the_manager_gives_no_epoch_for_a_silent_feed():
     clock, client = Clock(), FakeClient()
     manager = FeedManager(client, clock, max_feeds=5, heartbeat=1.0)  # type: ignore[arg-type]
     manager.startService()
-    assert manager.live_epoch("db") is None  # starts the feed
+    manager.served("db")
     client.answer()
     assert manager.live_epoch("db") == 1
     clock.advance(2.6)

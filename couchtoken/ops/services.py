@@ -48,7 +48,7 @@ def build(settings: Settings, reactor: Any) -> Couchtoken:
         reactor,
         connect_timeout=settings.connect_timeout,
         response_timeout=settings.response_timeout,
-        max_connections_per_host=settings.max_connections_per_host,
+        max_connections=settings.max_connections,
     )
     feeds = FeedManager(client, reactor, max_feeds=settings.max_feeds, heartbeat=settings.feed_heartbeat)
     documents = DocumentCache(
@@ -81,6 +81,8 @@ def build(settings: Settings, reactor: Any) -> Couchtoken:
             "blob_cache_hits": blobs.hits,
             "blob_cache_misses": blobs.misses,
             "blob_cache_bytes": blobs.bytes_held,
+            "upstream_requests": client.slots.in_use,
+            "upstream_queued": client.slots.waiting,
         }
     )
     health = HealthCheck(client, feeds, documents, reactor, timeout=min(settings.response_timeout, 5.0))

@@ -294,7 +294,7 @@ class Options(usage.Options):
                 token_field=parse_token_field(field),
                 connect_timeout=self["connect-timeout"],
                 response_timeout=self["response-timeout"],
-                max_connections_per_host=self["max-connections"],
+                max_connections=self["max-connections"],
                 cache_size=self["cache-size"],
                 cache_ttl=self["cache-ttl"],
                 max_feeds=self["max-feeds"],

@@ -29,6 +29,7 @@ from couchtoken import __version__
 from couchtoken.access.names import AttachmentPath, attachment_path, document_path, encode_segment
 from couchtoken.upstream.nodes import NodeSet
 from couchtoken.upstream.server import CouchDBCluster, CouchDBServer, as_cluster
+from couchtoken.upstream.slots import ConnectionSlots, QueueTimeout, Release
 
 DOCUMENT_QUERY = "att_encoding_info=true"
 LATEST_CHANGE_QUERY = "descending=true&limit=1"
@@ -115,18 +116,22 @@ class CouchDBClient:
         *,
         connect_timeout: float,
         response_timeout: float,
-        max_connections_per_host: int,
+        max_connections: int,
     ) -> None:
         self.nodes = NodeSet(as_cluster(cluster), reactor)
         self.nodes.probe = self._probe_node
         self._reactor = reactor
         self._response_timeout = response_timeout
+        # Documents, attachments and database checks: at most max_connections at once, over
+        # as many pooled connections (per node; the bound is overall).
+        self.slots = ConnectionSlots(max_connections, reactor, response_timeout)
         self.pool = HTTPConnectionPool(reactor, persistent=True)
-        self.pool.maxPersistentPerHost = max_connections_per_host
+        self.pool.maxPersistentPerHost = max_connections
         self.pool.cachedConnectionTimeout = 30
         self.pool._factory = _QuietClientFactory  # a documented, if private, ivar
         self._agent = Agent(reactor, connectTimeout=connect_timeout, pool=self.pool)
-        # Feeds hold their connection for as long as they live: keep them out of the pool.
+        # Feeds hold their connection for as long as they live, and health checks must not wait
+        # behind downloads: keep both out of the pool (and of the bound).
         feed_pool = HTTPConnectionPool(reactor, persistent=False)
         feed_pool._factory = _QuietClientFactory
         self._feed_agent = Agent(reactor, connectTimeout=connect_timeout, pool=feed_pool)
@@ -184,8 +189,22 @@ class CouchDBClient:
         assert failure is not None
         raise failure
 
+    async def _take_slot(self, timeout: float | None = None) -> Release:
+        """Wait for one of the ``max_connections`` request slots (504 if none comes free in time)."""
+        try:
+            return await self.slots.acquire(timeout)
+        except QueueTimeout:
+            raise UpstreamTimeout("queue_timeout", "no connection to CouchDB came free in time") from None
+
     async def fetch_document(self, db: str, docid: str) -> dict[str, Any] | None:
         """The document's JSON, or None when the document or database is missing."""
+        release = await self._take_slot()
+        try:
+            return await self._fetch_document(db, docid)
+        finally:
+            release()
+
+    async def _fetch_document(self, db: str, docid: str) -> dict[str, Any] | None:
         # att_encoding_info: CouchDB keeps compressible types gzip-compressed; a HEAD
         # needs the encoded length to answer as the GET will.
         response = await self._request(
@@ -223,6 +242,13 @@ class CouchDBClient:
 
         ``GET /<db>/_changes?descending=true&limit=1``: the feeds' database check.
         """
+        release = await self._take_slot(timeout)
+        try:
+            return await self._latest_change(db, timeout)
+        finally:
+            release()
+
+    async def _latest_change(self, db: str, timeout: float) -> dict[str, Any] | None:
         response = await self._request(
             f"/{encode_segment(db)}/_changes",
             LATEST_CHANGE_QUERY,
@@ -263,8 +289,12 @@ class CouchDBClient:
         *,
         byte_range: tuple[int, int] | None = None,
         accept_gzip: bool = False,
-    ) -> IResponse:
-        """Start the attachment GET (pinned to ``rev``); the body is left unread."""
+    ) -> tuple[IResponse, Release]:
+        """Start the attachment GET (pinned to ``rev``); the body is left unread.
+
+        The caller holds a request slot until it calls the returned release,
+        once the body has been relayed whole or dropped.
+        """
         extra: dict[str, bytes] = {}
         if byte_range is not None:
             start, stop = byte_range
@@ -272,7 +302,15 @@ class CouchDBClient:
         if accept_gzip:
             extra["accept_encoding"] = b"gzip"
         query = "rev=" + encode_segment(rev) if rev else ""
-        return await self._request(attachment_path(target), query, what="an attachment request", **extra)
+        release = await self._take_slot()
+        try:
+            response = await self._request(
+                attachment_path(target), query, what="an attachment request", **extra
+            )
+        except BaseException:
+            release()
+            raise
+        return response, release
 
     async def open_changes(self, db: str, heartbeat: float, timeout: float) -> IResponse:
         """Start ``GET /<db>/_changes?feed=continuous&heartbeat=..&since=now``; the body streams on."""
@@ -312,7 +350,7 @@ class CouchDBClient:
         try:
             while True:
                 headers = self._headers(server, accept=b"application/json")
-                asked = self._get(_url(server, path), headers)
+                asked = self._get(_url(server, path), headers, self._feed_agent)
                 response = await self._with_timeout(Deferred.fromCoroutine(asked), "a health check", timeout)
                 await self.discard(response)
                 if path == "/_up" and response.code == 200:

@@ -87,8 +87,13 @@ class Delivery:
                 self._success_headers(request, target, info, etag)
                 self._length_headers(request, info, window, gzip_ok=False)
                 return body if window is None else body[window[0] : window[1]]
-        response = await self._couchdb.open_attachment(target, rev, byte_range=window, accept_gzip=gzip_ok)
-        return await self._relay(request, target, response, info, window, etag, blob_key)
+        response, release = await self._couchdb.open_attachment(
+            target, rev, byte_range=window, accept_gzip=gzip_ok
+        )
+        try:
+            return await self._relay(request, target, response, info, window, etag, blob_key)
+        finally:
+            release()  # the body is relayed whole, dropped, or cut off (the client left): the slot is free
 
     def _success_headers(
         self, request: IRequest, target: AttachmentPath, info: AttachmentInfo, etag: str | None

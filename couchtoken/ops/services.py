@@ -58,6 +58,7 @@ def build(settings: Settings, reactor: Any) -> Couchtoken:
         reactor,
         maxsize=settings.cache_size,
         ttl=settings.cache_ttl,
+        max_bytes=settings.cache_bytes,
     )
     blobs = BlobCache(settings.blob_cache_bytes, settings.blob_cache_max_item)
     feeds.on_change = documents.evict
@@ -77,6 +78,7 @@ def build(settings: Settings, reactor: Any) -> Couchtoken:
             "feed_reconnects": feeds.reconnects,
             "upstream_failovers": client.nodes.failovers,
             "cache_entries": len(documents),
+            "cache_bytes": documents.bytes_held,
             "feeds_connected": feeds.connected(),
             "blob_cache_hits": blobs.hits,
             "blob_cache_misses": blobs.misses,

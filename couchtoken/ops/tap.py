@@ -137,12 +137,25 @@ class Options(usage.Options):
             "and the longest silence allowed in the middle of an attachment.",
             _positive,
         ],
-        ["max-connections", None, 32, "Persistent connections kept open to CouchDB.", _at_least_one],
+        [
+            "max-connections",
+            None,
+            32,
+            "Requests open at CouchDB at once, feeds apart (more wait, up to --response-timeout).",
+            _at_least_one,
+        ],
         [
             "cache-size",
             None,
             10_000,
             "Documents whose token check is cached (0 turns the cache and the feeds off).",
+            _count,
+        ],
+        [
+            "cache-bytes",
+            None,
+            64 * 1024 * 1024,
+            "Memory the cached token checks may hold, in bytes (0 turns the cache and the feeds off).",
             _count,
         ],
         [
@@ -156,7 +169,7 @@ class Options(usage.Options):
             "max-feeds",
             None,
             100,
-            "Databases followed by a _changes feed at once; past it the least recently used stop.",
+            "Databases followed by a _changes feed at once; past it those least recently served stop.",
             _count,
         ],
         [
@@ -296,6 +309,7 @@ class Options(usage.Options):
                 response_timeout=self["response-timeout"],
                 max_connections=self["max-connections"],
                 cache_size=self["cache-size"],
+                cache_bytes=self["cache-bytes"],
                 cache_ttl=self["cache-ttl"],
                 max_feeds=self["max-feeds"],
                 feed_heartbeat=self["feed-heartbeat"],

@@ -23,6 +23,7 @@ waiter that is cancelled (its client left) does not cancel the fetch.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
@@ -49,6 +50,39 @@ class FeedStatus(Protocol):
 class _Entry:
     summary: DocumentSummary | None  # None: the document (or database) is missing
     epoch: int
+    size: int  # bytes held: the summary, the key's strings and the cache's own bookkeeping
+
+
+# What the TTLCache keeps per entry besides the key's strings and the summary (measured: ~480).
+ENTRY_BYTES = 600
+NO_SUMMARY_BYTES = 100
+
+
+def _entry_size(key: Key, summary: DocumentSummary | None) -> int:
+    held = summary.size if summary is not None else NO_SUMMARY_BYTES
+    return ENTRY_BYTES + sys.getsizeof(key[0]) + sys.getsizeof(key[1]) + held
+
+
+class _Entries(TTLCache[Key, _Entry]):
+    """A TTL cache bounded in bytes (``max_bytes``) and, on top, in entries (``max_entries``).
+
+    cachetools bounds one measure; the entry bound is kept here by making room
+    (least recently used first) before a new key goes in.  An entry larger
+    than the whole byte bound is not kept at all.
+    """
+
+    def __init__(self, max_entries: int, max_bytes: int, ttl: float, timer: Callable[[], float]) -> None:
+        super().__init__(maxsize=max_bytes, ttl=ttl, timer=timer, getsizeof=lambda entry: entry.size)
+        self.max_entries = max_entries
+
+    def __setitem__(self, key: Key, value: _Entry) -> None:  # type: ignore[override]
+        if value.size > self.maxsize:
+            self.pop(key, None)
+            return
+        if key not in self:
+            while len(self) >= self.max_entries:
+                self.popitem()
+        super().__setitem__(key, value)
 
 
 @attrs.define
@@ -70,13 +104,14 @@ class DocumentCache:
         *,
         maxsize: int,
         ttl: float,
+        max_bytes: int = 64 * 1024 * 1024,
     ) -> None:
         self._fetch = fetch
         self._token_field = tuple(token_field)
         self._feeds = feeds
-        self._entries: TTLCache[Key, _Entry] | None = None
-        if maxsize > 0 and feeds is not None:
-            self._entries = TTLCache(maxsize=maxsize, ttl=ttl, timer=clock.seconds)
+        self._entries: _Entries | None = None
+        if maxsize > 0 and max_bytes > 0 and feeds is not None:
+            self._entries = _Entries(maxsize, max_bytes, ttl, clock.seconds)
         self._flights: dict[Key, _Flight] = {}
         self.hits = 0
         self.misses = 0
@@ -89,6 +124,11 @@ class DocumentCache:
 
     def __len__(self) -> int:
         return 0 if self._entries is None else len(self._entries)
+
+    @property
+    def bytes_held(self) -> int:
+        """Bytes the entries hold (an estimate that errs high)."""
+        return 0 if self._entries is None else int(self._entries.currsize)
 
     async def lookup(self, db: str, docid: str) -> tuple[DocumentSummary | None, bool]:
         """The document's summary (None: the document or database is missing), and whether it was cached."""
@@ -130,7 +170,7 @@ class DocumentCache:
             return
         if self._feeds.live_epoch(key[0]) != flight.epoch:
             return  # the feed had a gap while we fetched
-        self._entries[key] = _Entry(summary=summary, epoch=flight.epoch)
+        self._entries[key] = _Entry(summary=summary, epoch=flight.epoch, size=_entry_size(key, summary))
 
     def served(self, db: str) -> None:
         """A token check in ``db`` passed: its documents are worth following (and caching)."""

@@ -35,6 +35,7 @@ LIVE_FIGURES = {
     "blob_cache_misses": ("counter", "Small attachment bodies that had to come from CouchDB."),
     "blob_cache_bytes": ("gauge", "Bytes of attachment bodies held in memory."),
     "cache_entries": ("gauge", "Documents in the cache."),
+    "cache_bytes": ("gauge", "Bytes the cached documents hold (an estimate that errs high)."),
     "feeds_connected": ("gauge", "_changes feeds connected and live."),
     "upstream_requests": ("gauge", "Requests open at CouchDB now (feeds apart; at most --max-connections)."),
     "upstream_queued": ("gauge", "Requests waiting for one of the --max-connections to come free."),

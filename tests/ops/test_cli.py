@@ -41,6 +41,8 @@ def test_cache_options():
         3,
         2,
     )
+    assert _parse([], {}).cache_bytes == 64 * 1024 * 1024
+    assert _parse(["--cache-bytes", "1048576"], {}).cache_bytes == 1048576
 
 
 def test_environment_then_options_win():
@@ -134,6 +136,7 @@ def test_twist_couchtoken_serves_downloads(couch_server, admin, db, tmp_path):
         (["--trusted-proxies", "10.0.0.0/8,"], "no empty items"),
         (["--max-connections", "-5"], "must be 1 or more"),
         (["--max-connections", "0"], "must be 1 or more"),
+        (["--cache-bytes", "-1"], "must not be negative"),
         (["--max-downloads", "0"], "must be 1 or more"),
         (["--databases", ","], "--databases takes a comma-separated list with no empty items"),
         (["--sandbox-types", "text/x-a,,"], "--sandbox-types takes a comma-separated list"),

@@ -295,3 +295,51 @@ def test_a_disabled_cache_follows_nothing():
     cache, clock, fetches, feeds = make(maxsize=0)
     cache.served("db")
     assert feeds.served_dbs == []
+
+
+def big_document(docid: str, attachments: int) -> dict:
+    stubs = {
+        f"a{i}": {"content_type": "image/png", "digest": "md5-x", "length": i} for i in range(attachments)
+    }
+    return {"_id": docid, "_rev": "1-a", "download_token": "t", "_attachments": stubs}
+
+
+def test_the_cache_never_holds_more_bytes_than_its_bound():
+    clock, fetches, feeds = Clock(), Fetches(), Feeds()
+    cache = DocumentCache(fetches, FIELD, feeds, clock, maxsize=1000, ttl=60, max_bytes=200_000)
+    for i in range(20):
+        lookup(cache, f"d{i}")
+        fetches.answer(("db", f"d{i}"), big_document(f"d{i}", 200))  # ~60 kB each
+        assert cache.bytes_held <= 200_000
+    assert 1 <= len(cache) <= 4
+    again = lookup(cache, "d19")
+    assert again.called, "the newest is kept"
+
+
+def test_an_entry_larger_than_the_whole_bound_is_not_kept():
+    clock, fetches, feeds = Clock(), Fetches(), Feeds()
+    cache = DocumentCache(fetches, FIELD, feeds, clock, maxsize=1000, ttl=60, max_bytes=10_000)
+    first = lookup(cache)
+    fetches.answer(("db", "doc"), big_document("doc", 500))
+    assert first.result.accepts(b"t")  # answered, just not kept
+    assert len(cache) == 0 and cache.bytes_held == 0
+    lookup(cache)
+    assert fetches.count == 2
+
+
+def test_the_entry_bound_still_holds_under_the_byte_bound():
+    cache, clock, fetches, feeds = make(maxsize=3)
+    for i in range(10):
+        lookup(cache, f"d{i}")
+        fetches.answer(("db", f"d{i}"))
+    assert len(cache) == 3
+
+
+def test_zero_bytes_turns_the_cache_off():
+    clock, fetches, feeds = Clock(), Fetches(), Feeds()
+    cache = DocumentCache(fetches, FIELD, feeds, clock, maxsize=1000, ttl=60, max_bytes=0)
+    assert not cache.enabled
+    lookup(cache)
+    fetches.answer()
+    lookup(cache)
+    assert fetches.count == 2

@@ -139,11 +139,19 @@ class RunningService:
     def url(self, db: str, docid: str, attachment: str, token: str | None = None, **query: str) -> str:
         return service_url(self.base_url, db, docid, attachment, token, **query)
 
-    def couchdb_targets(self, health_checks: bool = False) -> list[str]:
-        """What reached CouchDB so far, as ``METHOD target`` lines (health checks only if asked)."""
+    def couchdb_targets(self, health_checks: bool = False, feeds: bool = False) -> list[str]:
+        """What reached CouchDB so far, as ``METHOD target`` lines.
+
+        Health checks and feed traffic (``_changes`` feeds and their database checks,
+        which no download makes) only if asked.
+        """
         assert self.proxy is not None
         targets = self.proxy.targets()
-        return targets if health_checks else [t for t in targets if t not in HEALTH_CHECKS]
+        if not health_checks:
+            targets = [t for t in targets if t not in HEALTH_CHECKS]
+        if not feeds:
+            targets = [t for t in targets if "/_changes?" not in t]
+        return targets
 
     async def get(self, *args: Any, **kwargs: Any) -> Any:
         return await fetch(*args, **kwargs)

@@ -83,8 +83,10 @@ class _FromService(protocol.Protocol):
 
     def connectionMade(self) -> None:
         self.proxy.connections.append(self)
+        self.proxy.opened()
         if self.proxy.down:
             self.open = False
+            self.proxy.closed()
             self.transport.abortConnection()
             return
         endpoint = TCP4ClientEndpoint(self.proxy.reactor, self.proxy.upstream_host, self.proxy.upstream_port)
@@ -211,6 +213,8 @@ class _FromService(protocol.Protocol):
             self.transport.loseConnection()
 
     def connectionLost(self, reason: Any = None) -> None:
+        if self.open:
+            self.proxy.closed()
         self.open = False
         if self.upstream is not None:
             self.upstream.transport.loseConnection()
@@ -240,6 +244,15 @@ class FaultProxy:
         self.fault: Fault | None = None
         self.down = False
         self._port: Any = None
+        self.open_now = 0  # connections from the service open at this moment
+        self.peak_open = 0  # the most that were ever open at once
+
+    def opened(self) -> None:
+        self.open_now += 1
+        self.peak_open = max(self.peak_open, self.open_now)
+
+    def closed(self) -> None:
+        self.open_now -= 1
 
     async def start(self) -> int:
         endpoint = TCP4ServerEndpoint(self.reactor, 0, interface="127.0.0.1")

@@ -76,7 +76,7 @@ class HealthCheck:
             body["couchdb"] = body["status"]
             body["nodes"] = self._client.nodes.states()
             body["feeds"] = {"connected": self._feeds.connected(), "total": len(self._feeds.feeds())}
-            body["cache"] = {"entries": len(self._documents)}
+            body["cache"] = {"entries": len(self._documents), "bytes": self._documents.bytes_held}
         return (200 if ok else 503), body
 
 

@@ -58,7 +58,7 @@ def build(settings: Settings, reactor: Any, *, metrics_on_public_port: bool | No
         reactor,
         connect_timeout=settings.connect_timeout,
         response_timeout=settings.response_timeout,
-        max_connections_per_host=settings.max_connections_per_host,
+        max_connections=settings.max_connections,
     )
     feeds = FeedManager(client, reactor, max_feeds=settings.max_feeds, heartbeat=settings.feed_heartbeat)
     documents = DocumentCache(
@@ -68,9 +68,8 @@ def build(settings: Settings, reactor: Any, *, metrics_on_public_port: bool | No
         reactor,
         maxsize=settings.cache_size,
         ttl=settings.cache_ttl,
+        max_bytes=settings.cache_bytes,
     )
-    feeds.on_change = documents.evict
-    feeds.on_gap = documents.drop_database
     blobs = BlobCache(settings.blob_cache_bytes, settings.blob_cache_max_item)
     connections = ConnectionLimit(
         client_connection_limit(
@@ -91,6 +90,13 @@ def build(settings: Settings, reactor: Any, *, metrics_on_public_port: bool | No
     # Files are keyed by digest and served only after a fresh token check, so a feed gap
     # changes nothing about them; a deleted database's files are of no more use.
     feeds.on_gone = disk.drop_database
+    feeds.on_change = documents.evict
+
+    def gap(db: str) -> None:  # the database may be gone: nothing of it may be served from memory
+        documents.drop_database(db)
+        blobs.drop_database(db)
+
+    feeds.on_gap = gap
     metrics = Metrics()
     metrics.watch(
         lambda: {
@@ -101,6 +107,7 @@ def build(settings: Settings, reactor: Any, *, metrics_on_public_port: bool | No
             "feed_reconnects": feeds.reconnects,
             "upstream_failovers": client.nodes.failovers,
             "cache_entries": len(documents),
+            "cache_bytes": documents.bytes_held,
             "feeds_connected": feeds.connected(),
             "blob_cache_hits": blobs.hits,
             "blob_cache_misses": blobs.misses,
@@ -114,6 +121,8 @@ def build(settings: Settings, reactor: Any, *, metrics_on_public_port: bool | No
             "disk_cache_fill_failures": disk.fill_failures,
             "disk_cache_evictions": disk.evictions,
             "disk_cache_fallbacks": disk.fallbacks,
+            "upstream_requests": client.slots.in_use,
+            "upstream_queued": client.slots.waiting,
         }
     )
     health = HealthCheck(client, feeds, documents, reactor, timeout=min(settings.response_timeout, 5.0))

@@ -25,8 +25,9 @@ class Settings:
     token_field: tuple[str, ...] = (DEFAULT_TOKEN_FIELD,)
     connect_timeout: float = 5.0
     response_timeout: float = 30.0
-    max_connections_per_host: int = 32
+    max_connections: int = 32
     cache_size: int = 10_000
+    cache_bytes: int = 64 * 1024 * 1024
     cache_ttl: float = 600.0
     max_feeds: int = 100
     feed_heartbeat: float = 1.0
@@ -55,8 +56,8 @@ class Settings:
             f"couchdb={self.couchdb!r} token_field={'.'.join(self.token_field)} "
             f"connect_timeout={self.connect_timeout}s "
             f"response_timeout={self.response_timeout}s "
-            f"max_connections_per_host={self.max_connections_per_host} "
-            f"cache_size={self.cache_size} cache_ttl={self.cache_ttl}s "
+            f"max_connections={self.max_connections} "
+            f"cache_size={self.cache_size} cache_bytes={self.cache_bytes} cache_ttl={self.cache_ttl}s "
             f"max_feeds={self.max_feeds} feed_heartbeat={self.feed_heartbeat}s "
             f"max_downloads={self.max_downloads} idle_timeout={self.idle_timeout}s "
             f"drain_timeout={self.drain_timeout}s log_format={self.access_log_format} "

@@ -6,7 +6,9 @@ no CouchDB request at all.  The key holds the digest the (feed-fresh)
 document cache reports, so new content is a new key and old bytes can never
 be served for it.  Bodies are stored only as they stream past to the first
 client (never a second read from CouchDB), identity-encoded, and only when
-complete.  The cache is an LRU bounded in bytes.
+complete.  The cache is an LRU bounded in bytes.  A database's bodies are
+dropped whenever its feed has a gap (a deleted database's feed always has
+one), so they never outlive the database.
 """
 
 from __future__ import annotations
@@ -48,3 +50,10 @@ class BlobCache:
     def put(self, key: BlobKey, body: bytes) -> None:
         if self.wants(len(body)):
             self._bodies[key] = body  # type: ignore[index]
+
+    def drop_database(self, db: str) -> None:
+        """Forget every body of ``db`` (its feed had a gap: the database may be gone)."""
+        if self._bodies is None:
+            return
+        for key in [k for k in self._bodies.keys() if k[0] == db]:
+            self._bodies.pop(key, None)

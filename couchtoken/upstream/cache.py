@@ -23,6 +23,7 @@ waiter that is cancelled (its client left) does not cancel the fetch.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
@@ -42,11 +43,46 @@ class FeedStatus(Protocol):
 
     def live_epoch(self, db: str) -> int | None: ...
 
+    def served(self, db: str) -> None: ...
+
 
 @attrs.frozen
 class _Entry:
     summary: DocumentSummary | None  # None: the document (or database) is missing
     epoch: int
+    size: int  # bytes held: the summary, the key's strings and the cache's own bookkeeping
+
+
+# What the TTLCache keeps per entry besides the key's strings and the summary (measured: ~480).
+ENTRY_BYTES = 600
+NO_SUMMARY_BYTES = 100
+
+
+def _entry_size(key: Key, summary: DocumentSummary | None) -> int:
+    held = summary.size if summary is not None else NO_SUMMARY_BYTES
+    return ENTRY_BYTES + sys.getsizeof(key[0]) + sys.getsizeof(key[1]) + held
+
+
+class _Entries(TTLCache[Key, _Entry]):
+    """A TTL cache bounded in bytes (``max_bytes``) and, on top, in entries (``max_entries``).
+
+    cachetools bounds one measure; the entry bound is kept here by making room
+    (least recently used first) before a new key goes in.  An entry larger
+    than the whole byte bound is not kept at all.
+    """
+
+    def __init__(self, max_entries: int, max_bytes: int, ttl: float, timer: Callable[[], float]) -> None:
+        super().__init__(maxsize=max_bytes, ttl=ttl, timer=timer, getsizeof=lambda entry: entry.size)
+        self.max_entries = max_entries
+
+    def __setitem__(self, key: Key, value: _Entry) -> None:  # type: ignore[override]
+        if value.size > self.maxsize:
+            self.pop(key, None)
+            return
+        if key not in self:
+            while len(self) >= self.max_entries:
+                self.popitem()
+        super().__setitem__(key, value)
 
 
 @attrs.define
@@ -68,13 +104,14 @@ class DocumentCache:
         *,
         maxsize: int,
         ttl: float,
+        max_bytes: int = 64 * 1024 * 1024,
     ) -> None:
         self._fetch = fetch
         self._token_field = tuple(token_field)
         self._feeds = feeds
-        self._entries: TTLCache[Key, _Entry] | None = None
-        if maxsize > 0 and feeds is not None:
-            self._entries = TTLCache(maxsize=maxsize, ttl=ttl, timer=clock.seconds)
+        self._entries: _Entries | None = None
+        if maxsize > 0 and max_bytes > 0 and feeds is not None:
+            self._entries = _Entries(maxsize, max_bytes, ttl, clock.seconds)
         self._flights: dict[Key, _Flight] = {}
         self.hits = 0
         self.misses = 0
@@ -88,6 +125,11 @@ class DocumentCache:
     def __len__(self) -> int:
         return 0 if self._entries is None else len(self._entries)
 
+    @property
+    def bytes_held(self) -> int:
+        """Bytes the entries hold (an estimate that errs high)."""
+        return 0 if self._entries is None else int(self._entries.currsize)
+
     async def lookup(self, db: str, docid: str) -> tuple[DocumentSummary | None, bool]:
         """The document's summary (None: the document or database is missing), and whether it was cached."""
         key = (db, docid)
@@ -98,12 +140,13 @@ class DocumentCache:
                 self.hits += 1
                 return entry.summary, True
         self.misses += 1
-        flight = self._flights.get(key)
-        if flight is None:
-            flight = self._flights[key] = _Flight(epoch=epoch)
-            self._take_off(key, flight)
         waiter: Deferred[DocumentSummary | None] = Deferred()
-        flight.waiters.append(waiter)
+        flight = self._flights.get(key)
+        if flight is not None:
+            flight.waiters.append(waiter)
+        else:
+            flight = self._flights[key] = _Flight(epoch=epoch, waiters=[waiter])
+            self._take_off(key, flight)  # may land at once: the waiter is on board already
         return await waiter, False
 
     def _take_off(self, key: Key, flight: _Flight) -> None:
@@ -127,7 +170,12 @@ class DocumentCache:
             return
         if self._feeds.live_epoch(key[0]) != flight.epoch:
             return  # the feed had a gap while we fetched
-        self._entries[key] = _Entry(summary=summary, epoch=flight.epoch)
+        self._entries[key] = _Entry(summary=summary, epoch=flight.epoch, size=_entry_size(key, summary))
+
+    def served(self, db: str) -> None:
+        """A token check in ``db`` passed: its documents are worth following (and caching)."""
+        if self.enabled and self._feeds is not None:
+            self._feeds.served(db)
 
     def evict(self, db: str, docid: str) -> None:
         """A change for this document arrived: forget it, and do not store a fetch in flight."""

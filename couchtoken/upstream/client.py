@@ -5,7 +5,8 @@ document nested too deeply for Python's JSON parser reads as an empty one,
 and is logged once); ``open_attachment`` starts
 ``GET /<db>/<docid>/<attachment>?rev=<rev>`` and hands back the unread
 response so its body can be streamed; ``open_changes`` starts a database's
-continuous ``_changes`` feed; ``probe`` asks ``GET /_up`` for health checks.
+continuous ``_changes`` feed; ``latest_change`` reads a database's latest change for
+the feeds' database checks; ``probe`` asks ``GET /_up`` for health checks.
 Every request goes to the first node of the cluster that answers (see
 ``couchtoken.upstream.nodes``).
 
@@ -32,10 +33,12 @@ from couchtoken import __version__
 from couchtoken.access.names import AttachmentPath, attachment_path, document_path, encode_segment
 from couchtoken.upstream.nodes import NodeSet
 from couchtoken.upstream.server import CouchDBCluster, CouchDBServer, as_cluster
+from couchtoken.upstream.slots import ConnectionSlots, QueueTimeout, Release
 
 _log = Logger()
 
 DOCUMENT_QUERY = "att_encoding_info=true"
+LATEST_CHANGE_QUERY = "descending=true&limit=1"
 MAX_DOCUMENT_BYTES = 16 * 1024 * 1024
 REPORT_AGAIN_AFTER = 3600.0  # seconds before the same unreadable document is logged again
 MAX_ERROR_BODY_BYTES = 64 * 1024
@@ -61,6 +64,13 @@ class UpstreamTimeout(UpstreamError):
 
 class _BodyTooLarge(Exception):
     pass
+
+
+class _TooDeep(UpstreamError):
+    """JSON nested deeper than Python's parser can read (CouchDB stores such documents)."""
+
+    def __init__(self) -> None:
+        super().__init__("garbage", "CouchDB sent JSON nested too deeply to read")
 
 
 class _QuietClientFactory(_HTTP11ClientFactory):
@@ -120,18 +130,22 @@ class CouchDBClient:
         *,
         connect_timeout: float,
         response_timeout: float,
-        max_connections_per_host: int,
+        max_connections: int,
     ) -> None:
         self.nodes = NodeSet(as_cluster(cluster), reactor)
         self.nodes.probe = self._probe_node
         self._reactor = reactor
         self._response_timeout = response_timeout
+        # Documents, attachments and database checks: at most max_connections at once, over
+        # as many pooled connections (per node; the bound is overall).
+        self.slots = ConnectionSlots(max_connections, reactor, response_timeout)
         self.pool = HTTPConnectionPool(reactor, persistent=True)
-        self.pool.maxPersistentPerHost = max_connections_per_host
+        self.pool.maxPersistentPerHost = max_connections
         self.pool.cachedConnectionTimeout = 30
         self.pool._factory = _QuietClientFactory  # a documented, if private, ivar
         self._agent = Agent(reactor, connectTimeout=connect_timeout, pool=self.pool)
-        # Feeds hold their connection for as long as they live: keep them out of the pool.
+        # Feeds hold their connection for as long as they live, and health checks must not wait
+        # behind downloads: keep both out of the pool (and of the bound).
         feed_pool = HTTPConnectionPool(reactor, persistent=False)
         feed_pool._factory = _QuietClientFactory
         self._feed_agent = Agent(reactor, connectTimeout=connect_timeout, pool=feed_pool)
@@ -139,6 +153,7 @@ class CouchDBClient:
         self._reported: TTLCache[tuple[str, str], bool] = TTLCache(
             maxsize=1000, ttl=REPORT_AGAIN_AFTER, timer=reactor.seconds
         )
+        self._has_up: bool | None = None  # whether the server answers GET /_up (learnt by a health check)
 
     def __repr__(self) -> str:
         return f"CouchDBClient({', '.join(repr(n) for n in self.nodes.nodes)})"
@@ -191,8 +206,22 @@ class CouchDBClient:
         assert failure is not None
         raise failure
 
+    async def _take_slot(self, timeout: float | None = None) -> Release:
+        """Wait for one of the ``max_connections`` request slots (504 if none comes free in time)."""
+        try:
+            return await self.slots.acquire(timeout)
+        except QueueTimeout:
+            raise UpstreamTimeout("queue_timeout", "no connection to CouchDB came free in time") from None
+
     async def fetch_document(self, db: str, docid: str) -> dict[str, Any] | None:
         """The document's JSON, or None when the document or database is missing."""
+        release = await self._take_slot()
+        try:
+            return await self._fetch_document(db, docid)
+        finally:
+            release()
+
+    async def _fetch_document(self, db: str, docid: str) -> dict[str, Any] | None:
         # att_encoding_info: CouchDB keeps compressible types gzip-compressed; a HEAD
         # needs the encoded length to answer as the GET will.
         response = await self._request(
@@ -205,8 +234,16 @@ class CouchDBClient:
             await self.discard(response)
             raise _status_error(response.code)
         try:
+            return await self._read_object(response, "document")
+        except _TooDeep:
+            self._report_unreadable(db, docid)
+            return {}  # a document with nothing usable in it: it opens nothing (403)
+
+    async def _read_object(self, response: IResponse, noun: str) -> dict[str, Any]:
+        """The response's body as a JSON object (bounded in size and time)."""
+        try:
             reading = Deferred.fromCoroutine(read_limited(response, MAX_DOCUMENT_BYTES))
-            body = await self._with_timeout(reading, "a whole document")
+            body = await self._with_timeout(reading, f"a whole {noun}")
         except defer.CancelledError:
             raise
         except UpstreamError:
@@ -214,16 +251,60 @@ class CouchDBClient:
         except Exception as exc:  # noqa: BLE001
             raise _translate(exc) from None
         try:
-            document = json.loads(body)
+            found = json.loads(body)
         except RecursionError:
             # Valid JSON that CouchDB stores but Python's parser cannot read.
-            self._report_unreadable(db, docid)
-            return {}  # a document with nothing usable in it: it opens nothing (403)
+            raise _TooDeep() from None
         except ValueError:
-            raise UpstreamError("garbage", "CouchDB sent a document that is not JSON") from None
-        if not isinstance(document, dict):
-            raise UpstreamError("garbage", "CouchDB sent a document that is not an object")
-        return document
+            raise UpstreamError("garbage", f"CouchDB sent a {noun} that is not JSON") from None
+        if not isinstance(found, dict):
+            raise UpstreamError("garbage", f"CouchDB sent a {noun} that is not an object")
+        return found
+
+    async def latest_change(self, db: str, timeout: float) -> dict[str, Any] | None:
+        """The database's latest ``_changes`` row (``{"last_seq": 0}`` when it has none); None if missing.
+
+        ``GET /<db>/_changes?descending=true&limit=1``: the feeds' database check.
+        """
+        release = await self._take_slot(timeout)
+        try:
+            return await self._latest_change(db, timeout)
+        finally:
+            release()
+
+    async def _latest_change(self, db: str, timeout: float) -> dict[str, Any] | None:
+        response = await self._request(
+            f"/{encode_segment(db)}/_changes",
+            LATEST_CHANGE_QUERY,
+            what="a database check",
+            timeout=timeout,
+            accept=b"application/json",
+        )
+        if response.code == 404:
+            await self.discard(response)
+            return None
+        if response.code != 200:
+            await self.discard(response)
+            raise _status_error(response.code)
+        found = await self._read_object(response, "changes answer")
+        results = found.get("results")
+        if isinstance(results, list) and results and isinstance(results[0], dict):
+            return results[0]
+        return {"last_seq": found.get("last_seq")}
+
+    async def feeds_end_with_database(self) -> bool:
+        """Whether the server ends a database's feeds when the database is deleted.
+
+        Learnt from the health check, with no request of its own: Apache
+        CouchDB 2 and later answer ``GET /_up`` and end those feeds; a server
+        without ``/_up`` (PouchDB Server) is taken not to.  Raises
+        UpstreamError while no node has answered yet.
+        """
+        if self._has_up is None:
+            problem = await self.probe(self._response_timeout)
+            if self._has_up is None:
+                raise UpstreamError("connect", problem or "CouchDB did not answer")
+        return self._has_up
 
     def _report_unreadable(self, db: str, docid: str) -> None:
         """One warning per document (and per hour at most), not one per request."""
@@ -243,8 +324,12 @@ class CouchDBClient:
         *,
         byte_range: tuple[int, int] | None = None,
         accept_gzip: bool = False,
-    ) -> IResponse:
-        """Start the attachment GET (pinned to ``rev``); the body is left unread."""
+    ) -> tuple[IResponse, Release]:
+        """Start the attachment GET (pinned to ``rev``); the body is left unread.
+
+        The caller holds a request slot until it calls the returned release,
+        once the body has been relayed whole or dropped.
+        """
         extra: dict[str, bytes] = {}
         if byte_range is not None:
             start, stop = byte_range
@@ -252,7 +337,15 @@ class CouchDBClient:
         if accept_gzip:
             extra["accept_encoding"] = b"gzip"
         query = "rev=" + encode_segment(rev) if rev else ""
-        return await self._request(attachment_path(target), query, what="an attachment request", **extra)
+        release = await self._take_slot()
+        try:
+            response = await self._request(
+                attachment_path(target), query, what="an attachment request", **extra
+            )
+        except BaseException:
+            release()
+            raise
+        return response, release
 
     async def open_changes(self, db: str, heartbeat: float, timeout: float) -> IResponse:
         """Start ``GET /<db>/_changes?feed=continuous&heartbeat=..&since=now``; the body streams on."""
@@ -292,12 +385,15 @@ class CouchDBClient:
         try:
             while True:
                 headers = self._headers(server, accept=b"application/json")
-                asked = self._get(_url(server, path), headers)
+                asked = self._get(_url(server, path), headers, self._feed_agent)
                 response = await self._with_timeout(Deferred.fromCoroutine(asked), "a health check", timeout)
                 await self.discard(response)
+                if path == "/_up" and response.code == 200:
+                    self._has_up = True
                 if response.code != 404 or path == "/":
                     break
                 path = self._health_path = "/"  # a server without /_up (PouchDB Server): ask / from now on
+                self._has_up = False
         except UpstreamError as exc:
             return exc.detail
         if response.code != 200:

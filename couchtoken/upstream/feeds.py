@@ -16,6 +16,16 @@ connection that goes silent without closing cannot keep a revoked token
 working for more than about 3 heartbeats, whatever the server does.  Each
 live period has its own epoch number; see ``couchtoken.upstream.cache`` for
 how entries are tied to it.
+
+A feed must not outlive its database.  Real CouchDB ends the feeds of a
+deleted database (the feed closes: a gap, then a 404).  On a server that
+does not (PouchDB Server, learnt once from ``GET /``), a live feed also asks
+for the database's latest change once a heartbeat (see
+``couchtoken.upstream.following``): a
+404 stops the feed as a 404 at connect does, a database that is no longer
+the one the feed follows makes it reconnect, and its entries are used only
+while such a check, sent within the last 2.5 heartbeats (1 s at least),
+has found the feed following.
 """
 
 from __future__ import annotations
@@ -25,7 +35,6 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-from cachetools import TTLCache
 from twisted.application.internet import backoffPolicy
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import CancelledError, Deferred
@@ -34,11 +43,14 @@ from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
 
 from couchtoken.upstream.client import CouchDBClient, UpstreamError
+from couchtoken.upstream.following import Change, FollowCheck
 
 _log = Logger()
 
 # Entries of a feed silent for longer than this many heartbeats are not used.
 STALE_AFTER_HEARTBEATS = 2.5
+# Nor, where database checks run, those of a feed last found following longer ago than this.
+MIN_CHECK_WINDOW = 1.0
 
 OnChange = Callable[[str, str], None]
 OnGap = Callable[[str], None]
@@ -102,11 +114,21 @@ class ChangesFeed(Service):
         self._transport: Any = None
         self._retry: Any = None
         self._watchdog: Any = None
+        self.checks: bool | None = None  # whether the database is checked (learnt before the first connect)
+        self._following = FollowCheck()
+        self._confirmed_at: float | None = None
+        self._next_check: Any = None
+        self._checking: Deferred | None = None
 
     @property
     def watchdog_timeout(self) -> float:
         """How long silence may last before the connection is presumed dead."""
         return self._heartbeat * 2 + 1.0
+
+    @property
+    def check_window(self) -> float:
+        """How long a database check that found the feed following vouches for it."""
+        return max(STALE_AFTER_HEARTBEATS * self._heartbeat, MIN_CHECK_WINDOW)
 
     def startService(self) -> None:
         super().startService()
@@ -127,6 +149,8 @@ class ChangesFeed(Service):
 
     async def _follow(self) -> None:
         try:
+            if self.checks is None:
+                self.checks = not await self._client.feeds_end_with_database()
             response = await self._client.open_changes(self.db, self._heartbeat, self.watchdog_timeout)
         except CancelledError:
             return
@@ -162,9 +186,14 @@ class ChangesFeed(Service):
         self.live = True
         self._attempt = 0
         self.heard()
+        if self.checks:
+            self._following = FollowCheck()
+            self._confirmed_at = None
+            self._check(self.epoch)
         reason = await lines.finished
         self._transport = None
-        self._gap()
+        if self.live:  # else the gap was had already (a stop, a database check)
+            self._gap()
         if self.running:
             _log.info(
                 "Changes feed for {db} closed ({why}); reconnecting",
@@ -174,8 +203,50 @@ class ChangesFeed(Service):
             self._schedule_retry()
 
     def fresh(self) -> bool:
-        """Live, and heard within the last 2.5 heartbeats: its entries may be trusted now."""
-        return self.live and self._clock.seconds() - self.heard_at <= STALE_AFTER_HEARTBEATS * self._heartbeat
+        """Live, heard within the last 2.5 heartbeats (and, where checked, found following): trusted now."""
+        now = self._clock.seconds()
+        if not self.live or now - self.heard_at > STALE_AFTER_HEARTBEATS * self._heartbeat:
+            return False
+        if not self.checks:
+            return True
+        return self._confirmed_at is not None and now - self._confirmed_at <= self.check_window
+
+    def _check(self, epoch: int) -> None:
+        self._next_check = None
+        self._checking = Deferred.fromCoroutine(self._check_database(epoch))
+
+    async def _check_database(self, epoch: int) -> None:
+        """Ask whether this feed still follows its database; then ask again a heartbeat later."""
+        asked = self._following.known
+        asked_at = self._clock.seconds()
+        try:
+            row = await self._client.latest_change(self.db, self.check_window)
+        except CancelledError:
+            return
+        except UpstreamError as exc:
+            row = exc  # no answer: nothing confirmed, so the entries lapse; the checks go on
+        self._checking = None
+        if not self.live or self.epoch != epoch:
+            return
+        if row is None:
+            _log.info("Database {db} is gone; its feed stops", db=self.db)
+            self._on_gone(self.db)
+            return
+        latest = None if isinstance(row, UpstreamError) else Change.from_row(row)
+        if latest is not None:
+            lost = self._following.judge(asked, latest)
+            if lost is not None:
+                _log.warn(
+                    "Changes feed for {db} no longer follows its database ({why}); reconnecting",
+                    db=self.db,
+                    why=lost,
+                )
+                self._gap()
+                if self._transport is not None:
+                    self._transport.stopProducing()
+                return
+            self._confirmed_at = asked_at
+        self._next_check = self._clock.callLater(self._heartbeat, self._check, epoch)
 
     def heard(self) -> None:
         """Any bytes from the feed: a change or a heartbeat.  Restart the watchdog."""
@@ -213,6 +284,7 @@ class ChangesFeed(Service):
         docid = change.get("id")
         if isinstance(docid, str):
             self._on_change(self.db, docid)
+            self._following.reported(change)  # after the eviction: the check may vouch now
         elif "last_seq" in change:
             self.last_seq = change["last_seq"]  # the server ends the feed; connectionLost follows
 
@@ -220,8 +292,18 @@ class ChangesFeed(Service):
         if self._watchdog is not None and self._watchdog.active():
             self._watchdog.cancel()
         self._watchdog = None
+        self._stop_checks()
         self.live = False
         self._on_gap(self.db)
+
+    def _stop_checks(self) -> None:
+        if self._next_check is not None and self._next_check.active():
+            self._next_check.cancel()
+        self._next_check = None
+        checking, self._checking = self._checking, None
+        if checking is not None:
+            checking.cancel()
+        self._confirmed_at = None
 
     def _schedule_retry(self) -> None:
         if not self.running or self._retry is not None:
@@ -239,7 +321,7 @@ class ChangesFeed(Service):
 
 
 class FeedManager(MultiService):
-    """Starts feeds on demand, at most ``max_feeds`` of them (least recently used go first)."""
+    """Follows the databases served most recently, at most ``max_feeds`` (least recently served go first)."""
 
     def __init__(
         self,
@@ -248,7 +330,6 @@ class FeedManager(MultiService):
         *,
         max_feeds: int,
         heartbeat: float,
-        gone_hold: float = 5.0,
         policy: Callable[[int], float] | None = None,
     ) -> None:
         super().__init__()
@@ -258,24 +339,27 @@ class FeedManager(MultiService):
         self._heartbeat = heartbeat
         self._policy = policy
         self._feeds: OrderedDict[str, ChangesFeed] = OrderedDict()
-        self._gone: TTLCache[str, bool] = TTLCache(maxsize=10_000, ttl=gone_hold, timer=clock.seconds)
         self._retired_reconnects = 0
         self.on_change: OnChange = lambda db, docid: None
         self.on_gap: OnGap = lambda db: None
         self.on_gone: OnGap = lambda db: None  # the feed found the database deleted
 
     def live_epoch(self, db: str) -> int | None:
-        """The live epoch of ``db``'s feed, starting the feed if there is none yet."""
+        """The live epoch of ``db``'s feed, if it has one that may be trusted now (never starts one)."""
         feed = self._feeds.get(db)
-        if feed is None:
-            if not self.running or self._max_feeds <= 0:
-                return None
-            if db in self._gone:
-                return None  # recently found missing: no feed (and no caching) for a while
-            feed = self._start(db)
-        else:
+        return feed.epoch if feed is not None and feed.fresh() else None
+
+    def served(self, db: str) -> None:
+        """A token check in ``db`` passed: follow ``db``, before the databases served less recently.
+
+        Only this starts a feed or moves one up, so requests that fail (names
+        made up, wrong tokens) cost no feed and push none out.
+        """
+        feed = self._feeds.get(db)
+        if feed is not None:
             self._feeds.move_to_end(db)
-        return feed.epoch if feed.fresh() else None
+        elif self.running and self._max_feeds > 0:
+            self._start(db)
 
     def _start(self, db: str) -> ChangesFeed:
         while len(self._feeds) >= self._max_feeds:
@@ -308,7 +392,6 @@ class FeedManager(MultiService):
         self.on_gap(db)
 
     def _forget(self, db: str) -> None:
-        self._gone[db] = True
         self._feeds.pop(db, None)
         self._stop(db)
         self.on_gone(db)

@@ -115,8 +115,13 @@ class Delivery:
                     self._disk.broken(blob_key, broken.why)
                     await self._finish_from_couchdb(request, target, rev, info, start + broken.sent, stop)
                 return None
-        response = await self._couchdb.open_attachment(target, rev, byte_range=window, accept_gzip=gzip_ok)
-        return await self._relay(request, target, response, info, window, etag, blob_key)
+        response, release = await self._couchdb.open_attachment(
+            target, rev, byte_range=window, accept_gzip=gzip_ok
+        )
+        try:
+            return await self._relay(request, target, response, info, window, etag, blob_key)
+        finally:
+            release()  # the body is relayed whole, dropped, or cut off (the client left): the slot is free
 
     def _on_disk(self, length: int | None) -> bool:
         """Bodies too large for memory (or all of them, with the blob cache off) go to disk."""
@@ -250,8 +255,9 @@ class Delivery:
         Anything but the same bytes (another digest, a status or range we did
         not ask for, a compressed body) breaks the client connection off instead.
         """
+        release = None
         try:
-            response = await self._couchdb.open_attachment(
+            response, release = await self._couchdb.open_attachment(
                 target, rev, byte_range=(start, stop), accept_gzip=False
             )
             etag = response.headers.getRawHeaders(b"etag", [b""])[0].decode("latin-1")
@@ -291,6 +297,9 @@ class Delivery:
             if transport is not None:
                 transport.abortConnection()
             await Deferred()  # cancelled when the connection is gone
+        finally:
+            if release is not None:
+                release()  # the CouchDB request slot (--max-connections) is free again
 
 
 def stored_compressed(info: AttachmentInfo, response: IResponse) -> bool:

@@ -42,9 +42,12 @@ LIVE_FIGURES = {
     "disk_cache_evictions": ("counter", "Disk cache files removed for room or a deleted database."),
     "disk_cache_fallbacks": ("counter", "Disk cache I/O errors or bad files; CouchDB served instead."),
     "cache_entries": ("gauge", "Documents in the cache."),
+    "cache_bytes": ("gauge", "Bytes the cached documents hold (an estimate that errs high)."),
     "feeds_connected": ("gauge", "_changes feeds connected and live."),
     "client_connections": ("gauge", "Client connections open on the public port."),
     "connections_refused": ("counter", "Client connections closed at once: the descriptor budget was full."),
+    "upstream_requests": ("gauge", "Requests open at CouchDB now (feeds apart; at most --max-connections)."),
+    "upstream_queued": ("gauge", "Requests waiting for one of the --max-connections to come free."),
 }
 
 

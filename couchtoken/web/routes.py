@@ -163,6 +163,7 @@ class DownloadApp:
         if summary is None or not credential.test(summary):
             raise forbidden(credential.refusal, guess=True)
         attempt.passed()
+        self._documents.served(target.db)
         info = summary.attachments.get(target.attachment)
         if info is None:
             raise HTTPAnswer(404, "not_found", "no such attachment")

@@ -44,6 +44,8 @@ def test_cache_options():
         3,
         2,
     )
+    assert _parse([], {}).cache_bytes == 64 * 1024 * 1024
+    assert _parse(["--cache-bytes", "1048576"], {}).cache_bytes == 1048576
 
 
 def test_throttle_options():
@@ -201,6 +203,7 @@ def test_a_tls_port_offers_h2_unless_turned_off(couch_server, tmp_path, argv, ch
         (["--trusted-proxies", "10.0.0.0/8,"], "no empty items"),
         (["--max-connections", "-5"], "must be 1 or more"),
         (["--max-connections", "0"], "must be 1 or more"),
+        (["--cache-bytes", "-1"], "must not be negative"),
         (["--max-downloads", "0"], "must be 1 or more"),
         (["--databases", ","], "--databases takes a comma-separated list with no empty items"),
         (["--sandbox-types", "text/x-a,,"], "--sandbox-types takes a comma-separated list"),

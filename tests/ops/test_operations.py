@@ -41,7 +41,7 @@ def doc(admin, db):
 async def test_health_is_200_with_feeds_and_cache_when_couchdb_answers(start_service, db, doc):
     service = await start_service(feed_heartbeat=0.2)
     await fetch(service.url(db, doc, "small.txt", TOKEN))
-    assert await wait_until(lambda: service.app.feeds.connected() == 1, 5)
+    assert await wait_until(lambda: any(f.fresh() for f in service.app.feeds.feeds()), 5)
     await fetch(service.url(db, doc, "small.txt", TOKEN))
     port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(service.app.ops_site)
     try:
@@ -119,7 +119,7 @@ async def test_metrics_count_what_happened(start_service, admin, db, doc):
     service = await start_service(feed_heartbeat=0.2)
     for token in (TOKEN, TOKEN, "wrong"):
         await fetch(service.url(db, doc, "small.txt", token))
-    assert await wait_until(lambda: service.app.feeds.connected() == 1, 5)
+    assert await wait_until(lambda: any(f.fresh() for f in service.app.feeds.feeds()), 5)
     await fetch(service.url(db, doc, "small.txt", TOKEN))  # stored
     await fetch(service.url(db, doc, "small.txt", TOKEN))  # a hit
     admin.put(db, doc, {"download_token": "rotated"})

@@ -10,6 +10,7 @@ import pytest_twisted
 from couchtoken.upstream.blobs import BlobCache
 from tests.http import fetch
 from tests.upstream.test_cache import HEARTBEAT, attachment_requests, warm
+from tests.waiting import wait_until
 
 TOKEN = "t0ken"
 
@@ -57,6 +58,18 @@ async def test_an_updated_attachment_is_served_new_within_a_second(start_service
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_deleted_databases_bodies_leave_memory(start_service, admin, db):
+    seed(admin, db)
+    service = await start_service(feed_heartbeat=HEARTBEAT)
+    await warm(service, db)
+    await fetch(service.url(db, "doc", "f.txt", TOKEN))
+    assert service.app.blobs.bytes_held == len(b"hot body")
+    admin.delete_db(db)
+    assert await wait_until(lambda: service.app.blobs.bytes_held == 0, 3), "the bytes outlive their database"
+    admin.create_db(db)  # the fixture deletes it again
+
+
+@pytest_twisted.ensureDeferred
 async def test_large_bodies_and_ranged_first_reads_are_not_kept(start_service, admin, db):
     seed(admin, db, "big.bin", os.urandom(300_000), "application/octet-stream")
     admin.put_attachment(db, "doc", "small.bin", b"s" * 1000, "application/octet-stream")
@@ -94,3 +107,13 @@ def test_a_new_digest_is_a_new_key():
     blobs.put(("db", "doc", "a", "md5-old"), b"old")
     assert blobs.get(("db", "doc", "a", "md5-new")) is None
     assert blobs.get(("db", "doc", "a", "md5-old")) == b"old"
+
+
+def test_dropping_a_database_keeps_the_others():
+    blobs = BlobCache(max_bytes=10_000, max_item=3_000)
+    blobs.put(("gone", "doc", "a", "md5-1"), b"one")
+    blobs.put(("kept", "doc", "a", "md5-1"), b"two")
+    blobs.drop_database("gone")
+    assert blobs.get(("gone", "doc", "a", "md5-1")) is None
+    assert blobs.get(("kept", "doc", "a", "md5-1")) == b"two"
+    assert blobs.bytes_held == 3

@@ -24,11 +24,13 @@ def attachment_requests(service, db):
     return [t for t in service.couchdb_targets() if "?rev=" in t and t.startswith(f"GET /{db}/")]
 
 
-async def warm(service, db, docid="doc", attachment="f.txt", token=TOKEN):
+async def warm(service, db, docid="doc", attachment="f.txt", token=TOKEN, timeout=5):
     """Make the document cached: wait for its feed, then look it up once."""
     await fetch(service.url(db, docid, attachment, token), "HEAD")
     feeds = service.app.feeds
-    assert await wait_until(lambda: any(f.db == db and f.live for f in feeds.feeds()), 5), "feed never live"
+    assert await wait_until(lambda: any(f.db == db and f.fresh() for f in feeds.feeds()), timeout), (
+        "feed never live"
+    )
     await fetch(service.url(db, docid, attachment, token), "HEAD")
     before = len(doc_requests(service, db, docid))
     await fetch(service.url(db, docid, attachment, token), "HEAD")
@@ -84,11 +86,10 @@ async def test_warm_refusals_404s_and_304s_make_no_request_at_all(start_service,
 
 
 @pytest_twisted.ensureDeferred
-async def test_negative_entries_spare_couchdb(start_service, admin, db):
+async def test_negative_entries_spare_couchdb(start_service, admin, db, doc):
     service = await start_service(feed_heartbeat=HEARTBEAT)
     admin.put(db, "tokenless", {"title": "no token here"})
-    await fetch(service.url(db, "nodoc", "f.txt", "x"))
-    assert await wait_until(lambda: any(f.live for f in service.app.feeds.feeds()), 5)
+    await warm(service, db)  # a download that passes: the database is followed
     for docid in ("nodoc", "tokenless"):
         await fetch(service.url(db, docid, "f.txt", "x"))
         before = len(service.couchdb_targets())
@@ -130,15 +131,17 @@ async def test_deletion_lands_within_a_second(start_service, admin, db, doc):
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_token_added_later_works_within_a_second(start_service, admin, db):
+async def test_a_token_added_later_works_within_a_second(start_service, admin, db, doc):
     service = await start_service(feed_heartbeat=HEARTBEAT)
-    admin.put(db, "doc", {"title": "no token yet"})
-    admin.put_attachment(db, "doc", "f.txt", b"later")
-    await fetch(service.url(db, "doc", "f.txt", "new"))
-    assert await wait_until(lambda: any(f.live for f in service.app.feeds.feeds()), 5)
-    assert (await fetch(service.url(db, "doc", "f.txt", "new"))).status == 403  # cached negative
-    admin.put(db, "doc", {"download_token": "new"})
-    assert await until_status(service.url(db, "doc", "f.txt", "new"), 200) is not None
+    await warm(service, db)  # a download that passes: the database is followed
+    admin.put(db, "later", {"title": "no token yet"})
+    admin.put_attachment(db, "later", "f.txt", b"later")
+    await fetch(service.url(db, "later", "f.txt", "new"))
+    before = len(doc_requests(service, db, "later"))
+    assert (await fetch(service.url(db, "later", "f.txt", "new"))).status == 403
+    assert len(doc_requests(service, db, "later")) == before  # a cached negative
+    admin.put(db, "later", {"download_token": "new"})
+    assert await until_status(service.url(db, "later", "f.txt", "new"), 200) is not None
 
 
 @pytest_twisted.ensureDeferred
@@ -192,7 +195,7 @@ async def test_a_silent_feed_is_noticed_and_replaced(start_service, admin, db, d
     await warm(service, db)
     (feed,) = service.app.feeds.feeds()
     epoch = feed.epoch
-    service.proxy.silence("_changes")
+    service.proxy.silence("feed=continuous")
     admin.put(db, doc, {"download_token": "changed-while-silent"})
     assert await until_status(service.url(db, doc, "f.txt", TOKEN), 403, timeout=5) is not None
     assert await wait_until(lambda: feed.live and feed.epoch > epoch, 5)
@@ -209,15 +212,13 @@ async def test_a_deleted_database_refuses_the_old_token_at_once(start_service, a
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_missing_database_gets_no_feed_for_a_while(start_service):
+async def test_a_missing_database_gets_no_feed(start_service):
     service = await start_service(feed_heartbeat=HEARTBEAT)
     url = service.url("ct-never-created", "doc", "f.txt", TOKEN)
-    assert (await fetch(url)).status == 403
-    assert await wait_until(lambda: service.app.feeds.feeds() == [], 5)
-    feed_requests = len([t for t in service.couchdb_targets() if "_changes" in t])
     for _ in range(10):
         assert (await fetch(url)).status == 403
-    assert len([t for t in service.couchdb_targets() if "_changes" in t]) == feed_requests == 1
+    assert service.app.feeds.feeds() == []
+    assert [t for t in service.couchdb_targets(feeds=True) if "_changes" in t] == []
 
 
 @pytest_twisted.ensureDeferred
@@ -249,7 +250,7 @@ async def test_feeds_reconnect_after_couchdb_restarts(start_service, couch_serve
     service = await start_service(feed_heartbeat=HEARTBEAT)
     await warm(service, db)
     couch_server.restart()
-    assert await wait_until(lambda: all(f.live for f in service.app.feeds.feeds()), 10)
+    assert await wait_until(lambda: all(f.fresh() for f in service.app.feeds.feeds()), 10)
     await warm(service, db)
     admin.put(db, doc, {"download_token": "after-restart"})
     assert await until_status(service.url(db, doc, "f.txt", TOKEN), 403) is not None
@@ -259,8 +260,70 @@ async def test_feeds_reconnect_after_couchdb_restarts(start_service, couch_serve
 async def test_feeds_stop_with_the_service(start_service, db, doc):
     service = await start_service(feed_heartbeat=HEARTBEAT)
     await warm(service, db)
-    feed_connections = service.proxy.connections_for("_changes")
+    feed_connections = service.proxy.connections_for("feed=continuous")
     assert any(c.open for c in feed_connections)
     await service.app.service.stopService()
     assert await wait_until(lambda: not any(c.open for c in feed_connections), 2)
     service.app.service.startService()  # the fixture stops it again
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("writes", ["fewer", "as-many", "more"])
+async def test_a_database_deleted_and_created_again_is_followed_anew(start_service, admin, db, doc, writes):
+    """PouchDB Server keeps heartbeating the feed of a deleted database: that feed must not vouch on.
+
+    The new database's latest seq ends lower than, equal to, or above the old one's.
+    Default heartbeat: a revoked token must stop opening within 3 s.
+    """
+    service = await start_service()
+    await warm(service, db)
+    old = await fetch(service.url(db, doc, "f.txt", TOKEN))
+    assert (old.status, old.body) == (200, b"cached body")  # the blob cache holds the old bytes now
+    admin.delete_db(db)
+    admin.create_db(db)
+    admin.put(db, doc, {"download_token": "second"})
+    if writes != "fewer":
+        admin.put_attachment(db, doc, "f.txt", b"second body", "text/plain")
+    if writes == "more":
+        for i in range(3):
+            admin.put(db, f"other-{i}", {})
+    assert await until_status(service.url(db, doc, "f.txt", TOKEN), 403, timeout=3) is not None, (
+        "the deleted database's token still opens"
+    )
+    if writes == "fewer":
+        admin.put_attachment(db, doc, "f.txt", b"second body", "text/plain")
+    assert await until_status(service.url(db, doc, "f.txt", "second"), 200, timeout=3) is not None
+    assert (await fetch(service.url(db, doc, "f.txt", "second"))).body == b"second body"
+    await warm(service, db, token="second")  # the new database is followed and cached
+    admin.put(db, doc, {"download_token": "third"})
+    assert await until_status(service.url(db, doc, "f.txt", "second"), 403, timeout=3) is not None, (
+        "a token revoked in the new database still opens"
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_random_names_neither_start_feeds_nor_push_out_those_serving_hits(start_service, admin):
+    service = await start_service(feed_heartbeat=HEARTBEAT, max_feeds=2)
+    names = [f"ct-busy-{i}-{time.monotonic_ns() % 10**8}" for i in range(2)]
+    try:
+        for name in names:
+            admin.create_db(name)
+            admin.put(name, "doc", {"download_token": TOKEN})
+            admin.put_attachment(name, "doc", "f.txt", b"x")
+            await warm(service, name)
+        feeds_before = len([t for t in service.couchdb_targets(feeds=True) if "feed=continuous" in t])
+        burst = [fetch(service.url(f"ct-random-{i}", "doc", "f.txt", TOKEN)) for i in range(40)]
+        burst += [fetch(service.url(names[0], f"random-{i}", "f.txt", TOKEN)) for i in range(20)]
+        burst += [fetch(service.url(names[1], "doc", "f.txt", f"wrong-{i}")) for i in range(20)]
+        replies = await DeferredList([ensureDeferred(d) for d in burst], consumeErrors=True)
+        assert all(ok and reply.status == 403 for ok, reply in replies)
+        assert sorted(f.db for f in service.app.feeds.feeds()) == sorted(names)
+        feeds_after = len([t for t in service.couchdb_targets(feeds=True) if "feed=continuous" in t])
+        assert feeds_after == feeds_before, "the burst cost CouchDB feed requests"
+        for name in names:
+            before = len(doc_requests(service, name))
+            assert (await fetch(service.url(name, "doc", "f.txt", TOKEN), "HEAD")).status == 200
+            assert len(doc_requests(service, name)) == before, f"{name} is no longer cached"
+    finally:
+        for name in names:
+            admin.delete_db(name)

@@ -20,10 +20,14 @@ class Feeds:
         self.epoch = epoch
         self.others: int | None = None
         self.asked: list[str] = []
+        self.served_dbs: list[str] = []
 
     def live_epoch(self, db: str) -> int | None:
         self.asked.append(db)
         return self.epoch if db == "db" else self.others
+
+    def served(self, db: str) -> None:
+        self.served_dbs.append(db)
 
 
 class Fetches:
@@ -254,3 +258,88 @@ def test_a_one_entry_cache_works():
     fetches.answer()
     lookup(cache)
     assert fetches.count == 1
+
+
+def test_a_fetch_that_fails_at_once_fails_its_lookup_instead_of_hanging():
+    clock, feeds = Clock(), Feeds()
+
+    async def failing_at_once(db: str, docid: str) -> Any:
+        raise UpstreamError("connect", "refused before any wait")
+
+    cache = DocumentCache(failing_at_once, FIELD, feeds, clock, maxsize=100, ttl=60)
+    failed = lookup(cache)
+    assert failed.called, "the lookup hangs"
+    assert isinstance(failed.result.value, UpstreamError)
+    failed.addErrback(lambda failure: None)
+    assert cache._flights == {}
+
+
+def test_a_fetch_that_answers_at_once_answers_its_lookup():
+    clock, feeds = Clock(), Feeds()
+
+    async def answering_at_once(db: str, docid: str) -> Any:
+        return {"_id": docid, "_rev": "1-a", "download_token": "t"}
+
+    cache = DocumentCache(answering_at_once, FIELD, feeds, clock, maxsize=100, ttl=60)
+    found = lookup(cache)
+    assert found.called and found.result.accepts(b"t")
+
+
+def test_a_passed_check_asks_the_feeds_to_follow_its_database():
+    cache, clock, fetches, feeds = make()
+    cache.served("db")
+    assert feeds.served_dbs == ["db"]
+
+
+def test_a_disabled_cache_follows_nothing():
+    cache, clock, fetches, feeds = make(maxsize=0)
+    cache.served("db")
+    assert feeds.served_dbs == []
+
+
+def big_document(docid: str, attachments: int) -> dict:
+    stubs = {
+        f"a{i}": {"content_type": "image/png", "digest": "md5-x", "length": i} for i in range(attachments)
+    }
+    return {"_id": docid, "_rev": "1-a", "download_token": "t", "_attachments": stubs}
+
+
+def test_the_cache_never_holds_more_bytes_than_its_bound():
+    clock, fetches, feeds = Clock(), Fetches(), Feeds()
+    cache = DocumentCache(fetches, FIELD, feeds, clock, maxsize=1000, ttl=60, max_bytes=200_000)
+    for i in range(20):
+        lookup(cache, f"d{i}")
+        fetches.answer(("db", f"d{i}"), big_document(f"d{i}", 200))  # ~60 kB each
+        assert cache.bytes_held <= 200_000
+    assert 1 <= len(cache) <= 4
+    again = lookup(cache, "d19")
+    assert again.called, "the newest is kept"
+
+
+def test_an_entry_larger_than_the_whole_bound_is_not_kept():
+    clock, fetches, feeds = Clock(), Fetches(), Feeds()
+    cache = DocumentCache(fetches, FIELD, feeds, clock, maxsize=1000, ttl=60, max_bytes=10_000)
+    first = lookup(cache)
+    fetches.answer(("db", "doc"), big_document("doc", 500))
+    assert first.result.accepts(b"t")  # answered, just not kept
+    assert len(cache) == 0 and cache.bytes_held == 0
+    lookup(cache)
+    assert fetches.count == 2
+
+
+def test_the_entry_bound_still_holds_under_the_byte_bound():
+    cache, clock, fetches, feeds = make(maxsize=3)
+    for i in range(10):
+        lookup(cache, f"d{i}")
+        fetches.answer(("db", f"d{i}"))
+    assert len(cache) == 3
+
+
+def test_zero_bytes_turns_the_cache_off():
+    clock, fetches, feeds = Clock(), Fetches(), Feeds()
+    cache = DocumentCache(fetches, FIELD, feeds, clock, maxsize=1000, ttl=60, max_bytes=0)
+    assert not cache.enabled
+    lookup(cache)
+    fetches.answer()
+    lookup(cache)
+    assert fetches.count == 2

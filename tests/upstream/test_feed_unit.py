@@ -57,11 +57,29 @@ class FakeResponse:
 
 
 class FakeClient:
-    """Each open_changes call waits for the test to answer it."""
+    """Each open_changes call waits for the test to answer it.
 
-    def __init__(self) -> None:
+    ``ends_feeds`` says what kind of server it plays: True is CouchDB (feeds of a
+    deleted database end), False is PouchDB Server (database checks run; each
+    ``database_seq`` call waits for the test to answer it too).
+    """
+
+    def __init__(self, ends_feeds: bool = True) -> None:
         self.pending: list[Deferred] = []
         self.calls = 0
+        self.ends_feeds = ends_feeds
+        self.checks: list[Deferred] = []
+
+    async def feeds_end_with_database(self) -> bool:
+        return self.ends_feeds
+
+    async def latest_change(self, db: str, timeout: float) -> Any:
+        d: Deferred = Deferred()
+        self.checks.append(d)
+        return await d
+
+    def check_answer(self, seq: Any) -> None:
+        self.checks.pop(0).callback(seq)
 
     async def open_changes(self, db: str, heartbeat: float, timeout: float) -> Any:
         self.calls += 1
@@ -88,8 +106,8 @@ class Events:
         self.gone: list[str] = []
 
 
-def make_feed(policy=None, heartbeat: float = 1.0):
-    clock, client, events = Clock(), FakeClient(), Events()
+def make_feed(policy=None, heartbeat: float = 1.0, ends_feeds: bool = True):
+    clock, client, events = Clock(), FakeClient(ends_feeds), Events()
     feed = ChangesFeed(
         "db",
         client,  # type: ignore[arg-type]
@@ -229,17 +247,33 @@ def test_the_manager_bounds_feeds_and_reports_live_epochs():
     gaps = []
     manager.on_gap = gaps.append
     manager.startService()
+    manager.served("a")
     assert manager.live_epoch("a") is None  # started, not live yet
     client.answer()
     assert manager.live_epoch("a") == 1
-    manager.live_epoch("b")
+    manager.served("b")
     client.answer()
-    manager.live_epoch("a")  # a is now the most recently used
-    manager.live_epoch("c")
+    manager.served("a")  # a is now the most recently served
+    manager.served("c")
     assert sorted(f.db for f in manager.feeds()) == ["a", "c"]
     assert "b" in gaps
     manager.stopService()
     assert manager.feeds() == [] or all(not f.running for f in manager.feeds())
+
+
+def test_asking_for_an_epoch_neither_starts_a_feed_nor_moves_one_up():
+    clock, client = Clock(), FakeClient()
+    manager = FeedManager(client, clock, max_feeds=2, heartbeat=1.0)  # type: ignore[arg-type]
+    manager.startService()
+    assert manager.live_epoch("unknown") is None
+    assert client.calls == 0
+    manager.served("a")
+    manager.served("b")
+    for _ in range(10):
+        manager.live_epoch("a")  # looked up (a miss, a failed check...), never served
+    manager.served("c")
+    assert sorted(f.db for f in manager.feeds()) == ["b", "c"]
+    manager.stopService()
 
 
 @pytest.mark.parametrize("max_feeds", [0])
@@ -247,6 +281,7 @@ def test_no_feeds_means_no_live_epoch(max_feeds):
     clock, client = Clock(), FakeClient()
     manager = FeedManager(client, clock, max_feeds=max_feeds, heartbeat=1.0)  # type: ignore[arg-type]
     manager.startService()
+    manager.served("a")
     assert manager.live_epoch("a") is None
     assert client.calls == 0
 
@@ -267,9 +302,94 @@ def test_the_manager_gives_no_epoch_for_a_silent_feed():
     clock, client = Clock(), FakeClient()
     manager = FeedManager(client, clock, max_feeds=5, heartbeat=1.0)  # type: ignore[arg-type]
     manager.startService()
-    assert manager.live_epoch("db") is None  # starts the feed
+    manager.served("db")
     client.answer()
     assert manager.live_epoch("db") == 1
     clock.advance(2.6)
     assert manager.live_epoch("db") is None
     manager.stopService()
+
+
+def test_on_couchdb_no_database_checks_run():
+    feed, clock, client, events = make_feed()
+    client.answer()
+    clock.advance(10)
+    assert client.checks == [] and feed.checks is False
+
+
+def test_on_pouchdb_entries_wait_for_the_first_database_check():
+    feed, clock, client, events = make_feed(ends_feeds=False)
+    response = client.answer()
+    assert feed.live and not feed.fresh(), "live, but not yet found following its database"
+    client.check_answer({"seq": 4, "id": "a", "changes": [{"rev": "1-x"}]})
+    assert feed.fresh()
+    clock.advance(1.0)  # one heartbeat later: the next check
+    response.send(b"\n")
+    client.check_answer({"seq": 4, "id": "a", "changes": [{"rev": "1-x"}]})
+    assert feed.fresh() and events.gaps == []
+
+
+def test_on_pouchdb_a_check_that_gets_no_answer_lets_the_entries_lapse():
+    feed, clock, client, events = make_feed(ends_feeds=False)
+    response = client.answer()
+    client.check_answer({"last_seq": 0})
+    clock.advance(1.0)
+    response.send(b"\n")
+    assert len(client.checks) == 1  # asked, and no answer comes
+    clock.advance(1.0)
+    response.send(b"\n")
+    assert feed.fresh()
+    clock.advance(0.6)
+    response.send(b"\n")
+    assert feed.live and not feed.fresh(), "last found following 2.6 s ago"
+    client.checks.pop(0).errback(UpstreamError("response_timeout", "slow"))
+    clock.advance(1.0)
+    client.check_answer({"last_seq": 0})
+    assert feed.fresh()
+
+
+def test_on_pouchdb_a_database_created_again_makes_the_feed_reconnect():
+    feed, clock, client, events = make_feed(ends_feeds=False)
+    response = client.answer()
+    client.check_answer({"seq": 2, "id": "doc", "changes": [{"rev": "2-old"}]})
+    clock.advance(1.0)
+    client.check_answer({"seq": 2, "id": "doc", "changes": [{"rev": "2-new"}]})
+    assert response.transport.stopped and not feed.live
+    assert events.gaps == ["db"]
+    clock.advance(1.0)  # policy(0) == 1 s
+    assert client.calls == 2
+    client.answer()
+    assert feed.live and feed.epoch == 2 and not feed.fresh()
+
+
+def test_on_pouchdb_a_change_the_feed_never_reports_makes_it_reconnect():
+    feed, clock, client, events = make_feed(ends_feeds=False)
+    response = client.answer()
+    client.check_answer({"seq": 2, "id": "a", "changes": [{"rev": "1-x"}]})
+    clock.advance(1.0)
+    response.send(b'{"seq":3,"id":"b","changes":[{"rev":"1-y"}]}\n')  # reported: fine
+    client.check_answer({"seq": 3, "id": "b", "changes": [{"rev": "1-y"}]})
+    clock.advance(1.0)
+    client.check_answer({"seq": 4, "id": "c", "changes": [{"rev": "1-z"}]})  # not reported (yet)
+    assert feed.live
+    clock.advance(1.0)
+    client.check_answer({"seq": 4, "id": "c", "changes": [{"rev": "1-z"}]})  # still not reported
+    assert not feed.live and events.gaps == ["db"]
+
+
+def test_on_pouchdb_a_missing_database_stops_the_feed():
+    feed, clock, client, events = make_feed(ends_feeds=False)
+    client.answer()
+    client.check_answer({"last_seq": 0})
+    clock.advance(1.0)
+    client.check_answer(None)  # 404
+    assert events.gone == ["db"]
+
+
+def test_on_pouchdb_stopping_cancels_the_check_in_flight():
+    feed, clock, client, events = make_feed(ends_feeds=False)
+    client.answer()
+    pending = client.checks[0]
+    feed.stopService()
+    assert pending.called  # cancelled
+    assert clock.getDelayedCalls() == []

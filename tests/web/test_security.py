@@ -10,15 +10,18 @@ from twisted.internet import reactor, threads
 
 from tests.faultproxy import Fault
 from tests.http import raw_exchange
+from tests.waiting import wait_until
 
 TOKEN = "tok"
 # Everything the service may ever ask CouchDB for: one document, one of its
-# attachments pinned to a revision, or a database's changes feed.  No database
-# or document name starts with "_".
+# attachments pinned to a revision, a database's changes feed, or (on servers that
+# keep the feeds of deleted databases) its latest change.  No database or document
+# name starts with "_".
 ALLOWED = re.compile(
     r"GET /(?!_)[^/?]+/(?!_)[^/?]+(/[^?]+\?rev=[0-9]+-[0-9a-f]+|\?att_encoding_info=true)\Z"
     r"|GET /(?!_)[^/?]+/_changes\?feed=continuous&heartbeat=[0-9]+&since=now\Z"
-    r"|GET /_up\Z|GET /\Z"  # the health check (at start, and for /_health)
+    r"|GET /(?!_)[^/?]+/_changes\?descending=true&limit=1\Z"
+    r"|GET /_up\Z|GET /\Z"  # the health check (at start, and for /_health); the server's kind
 )
 
 
@@ -96,7 +99,9 @@ async def test_everything_sent_upstream_is_an_allowed_get(service, admin, db):
     for path in ("doc/file.txt", "doc/other.txt", "nodoc/file.txt", "doc/a%2Fb", "doc/file.txt%3Frev=1"):
         await service.get(f"{service.base_url}/{db}/{path}?token={TOKEN}&rev=1-abc&attachments=true")
         await service.get(f"{service.base_url}/{db}/{path}?token=wrong&open_revs=all")
-    targets = service.couchdb_targets()
+    if any(feed.checks for feed in service.app.feeds.feeds()):  # PouchDB Server: see a database check
+        assert await wait_until(lambda: any("limit=1" in t for t in service.couchdb_targets(feeds=True)), 3)
+    targets = service.couchdb_targets(health_checks=True, feeds=True)
     assert targets
     for target in targets:
         assert ALLOWED.match(target), target

@@ -74,7 +74,7 @@ def build(settings: Settings, reactor: Any, *, metrics_on_public_port: bool | No
     connections = ConnectionLimit(
         client_connection_limit(
             descriptor_limit(),
-            pool=settings.max_connections_per_host,
+            pool=settings.max_connections,
             feeds=settings.max_feeds,
             max_downloads=settings.max_downloads,
         )

@@ -342,10 +342,9 @@ class Options(usage.Options):
             _workers,
         ],
     ]
-    optFlags = [["worker", None, "Internal: set by --workers on the processes it starts."]]
-
     optFlags = [
         ["no-http2", None, "Offer only HTTP/1.1 on TLS ports (by default ALPN offers h2 first)."],
+        ["worker", None, "Internal: set by --workers on the processes it starts."],
     ]
 
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:

@@ -494,16 +494,9 @@ async def test_a_database_deleted_during_a_gap_drops_its_files(start_service, ad
 
 @pytest_twisted.ensureDeferred
 async def test_a_database_deleted_under_a_live_feed_refuses_its_cached_files(
-    start_service, admin, db, tmp_path, couch_server, request
+    start_service, admin, db, tmp_path
 ):
-    if couch_server.pouchdb is not None:
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="PouchDB Server keeps a deleted database's _changes feed open and silent, so "
-                "cached answers (token checks, blob and disk bodies) live until --cache-ttl",
-            )
-        )
+    """On both servers: CouchDB ends the feed; on PouchDB Server the feed's database check notices."""
     data = seed(admin, db)
     cache = tmp_path / "cache"
     service = await disk_service(start_service, cache)

@@ -468,3 +468,46 @@ def test_signed_link_details():
     # The matching token may come first in a rotation list.
     assert signature_matches((NEW, OLD), "a/b", "d", "f", 1, sig)
     assert sign_url("https://BOX", "a/b", "d", "f", NEW, 1).startswith("https://BOX/a%2Fb/d/f?")
+
+
+def _summary_of(attachments: int) -> DocumentSummary:
+    stub = {
+        "content_type": "image/png",
+        "length": 10,
+        "digest": "md5-AAAAAAAAAAAAAAAAAAAAAA==",
+        "encoding": "gzip",
+    }
+    document = {
+        "_rev": "3-abc",
+        "download_token": ["first-token", "second-token"],
+        "_attachments": {f"photo-{i}.png": dict(stub) for i in range(attachments)},
+    }
+    return DocumentSummary.from_document(document, ("download_token",))
+
+
+def test_a_summary_knows_the_bytes_it_holds():
+    """The cache's byte bound rests on this estimate: exact for a known document, never low."""
+    import sys
+    import tracemalloc
+
+    one = _summary_of(1)
+    name, info = next(iter(one.attachments.items()))
+    strings = sum(sys.getsizeof(s) for s in (*one.tokens, one.rev))
+    per_attachment = 240 + sum(
+        sys.getsizeof(s) for s in (name, info.content_type, info.digest, info.encoding)
+    )
+    assert one.size == 1000 + strings + per_attachment
+    assert _summary_of(0).size == 1000 + strings
+    assert _summary_of(101).size - _summary_of(100).size == per_attachment - sys.getsizeof(
+        "photo-0.png"
+    ) + sys.getsizeof("photo-100.png")
+    tracemalloc.start()
+    before = tracemalloc.take_snapshot()
+    big = _summary_of(2000)
+    held = sum(stat.size_diff for stat in tracemalloc.take_snapshot().compare_to(before, "filename"))
+    tracemalloc.stop()
+    assert held <= big.size <= 3 * held, (held, big.size)
+    untokened = DocumentSummary.from_document(
+        {"_attachments": {"a": {"content_type": "text/plain"}}}, ("download_token",)
+    )
+    assert untokened.attachments == {} and untokened.size == 1000 + sys.getsizeof(None)

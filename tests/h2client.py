@@ -25,6 +25,7 @@ from hyperframe.frame import Frame
 @attrs.define
 class StreamState:
     status: int | None = None
+    informational: list[int] = attrs.Factory(list)  # 1xx statuses before the answer
     headers: dict[bytes, bytes] = attrs.Factory(dict)
     body: bytearray = attrs.Factory(bytearray)
     ended: bool = False
@@ -154,6 +155,8 @@ class H2Client:
             state = self.streams[event.stream_id]
             state.headers = dict(event.headers)
             state.status = int(state.headers[b":status"])
+        elif isinstance(event, h2.events.InformationalResponseReceived):
+            self.streams[event.stream_id].informational.append(int(dict(event.headers)[b":status"]))
         elif isinstance(event, h2.events.DataReceived):
             self.streams[event.stream_id].body += event.data
             size = event.flow_controlled_length

@@ -140,10 +140,13 @@ class GuardedH2Connection(H2Connection):
         self._go_away(h2.errors.ErrorCodes.NO_ERROR, "idle")
 
     def _requestReceived(self, event: h2.events.RequestReceived) -> None:
+        refused = announces_body(event.headers)
+        if refused:  # no "100 Continue" (Twisted's stream would send one) for a body that is refused
+            event.headers = [(name, value) for name, value in event.headers if name != b"expect"]
         super()._requestReceived(event)
         self.setTimeout(None)
         self._unfinished.add(event.stream_id)  # until its StreamEnded, usually in the same batch
-        if announces_body(event.headers):
+        if refused:
             self._refuse_body(event.stream_id)
 
     def _requestDataReceived(self, event: h2.events.DataReceived) -> None:

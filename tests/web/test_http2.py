@@ -291,12 +291,21 @@ WINDOW = 65535  # the initial flow-control window of a stream, which the service
     [
         ("GET", [("content-length", "200000000")], 1024 * 1024),
         ("GET", [("content-length", "1")], 1),
+        ("GET", [("content-length", "70000"), ("expect", "100-continue")], 70000),
         ("HEAD", [("content-length", "5000")], None),
         ("GET", [], 1024 * 1024),
         ("HEAD", [], 10),
         ("POST", [("content-length", "200000000")], 1024 * 1024),
     ],
-    ids=["get-huge", "get-1", "head-announced-only", "get-data-without-length", "head-data", "post"],
+    ids=[
+        "get-huge",
+        "get-1",
+        "get-expecting-continue",
+        "head-announced-only",
+        "get-data-without-length",
+        "head-data",
+        "post",
+    ],
 )
 async def test_a_request_body_is_refused_on_its_stream_before_it_is_read(
     tls_service, files, logged, method, headers, size
@@ -320,6 +329,7 @@ async def test_a_request_body_is_refused_on_its_stream_before_it_is_read(
 
     sent, refused, fine, closed = await _in_thread(exchange)
     assert (refused.status, sent <= WINDOW, closed) == (413, True, False), (refused, sent, closed)
+    assert refused.informational == []  # no "100 Continue" for a refused body
     if method != "HEAD":
         assert json.loads(refused.body)["error"] == "content_too_large"
     if size and size > WINDOW:  # still sending: told to stop

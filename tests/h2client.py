@@ -25,6 +25,7 @@ from hyperframe.frame import Frame
 @attrs.define
 class StreamState:
     status: int | None = None
+    informational: list[int] = attrs.Factory(list)  # 1xx statuses before the answer
     headers: dict[bytes, bytes] = attrs.Factory(dict)
     body: bytearray = attrs.Factory(bytearray)
     ended: bool = False
@@ -86,6 +87,36 @@ class H2Client:
         self._flush()
         return stream_id
 
+    def send_body(self, stream_id: int, size: int, timeout: float = 2.0) -> int:
+        """Send ``size`` bytes of DATA on a stream (END_STREAM with the last) as the server's windows allow.
+
+        ``size`` 0 sends an empty DATA frame that ends the stream.
+
+        Returns the bytes sent: fewer when the server closes the stream first, or
+        opens no window for ``timeout`` seconds.
+        """
+        if size == 0:
+            self.conn.end_stream(stream_id)
+            self._flush()
+            return 0
+        sent = 0
+        deadline = time.monotonic() + timeout
+        while sent < size and self.streams[stream_id].reset is None and time.monotonic() < deadline:
+            try:
+                window = self.conn.local_flow_control_window(stream_id)
+                chunk = min(window, self.conn.max_outbound_frame_size, size - sent)
+                if chunk > 0:
+                    self.conn.send_data(stream_id, b"x" * chunk, end_stream=sent + chunk == size)
+                    self._flush()
+                    sent += chunk
+                    deadline = time.monotonic() + timeout
+                    continue
+            except h2.exceptions.StreamClosedError:
+                break
+            if not self.pump(0.1):
+                break
+        return sent
+
     def ping(self) -> None:
         if self.goaway is None:
             self.conn.ping(b"12345678")
@@ -124,6 +155,8 @@ class H2Client:
             state = self.streams[event.stream_id]
             state.headers = dict(event.headers)
             state.status = int(state.headers[b":status"])
+        elif isinstance(event, h2.events.InformationalResponseReceived):
+            self.streams[event.stream_id].informational.append(int(dict(event.headers)[b":status"]))
         elif isinstance(event, h2.events.DataReceived):
             self.streams[event.stream_id].body += event.data
             size = event.flow_controlled_length

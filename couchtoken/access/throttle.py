@@ -18,6 +18,12 @@ right-most address of ``X-Forwarded-For`` that is not itself a trusted
 proxy.  ``unix`` in that list trusts every connection that arrives on a
 UNIX socket (whose peers have no address: without it, they all count as
 one client).
+
+A client is counted by its IPv4 address, or by the /64 prefix of its IPv6
+address (``client_key``): every IPv6 home and host has a whole /64, so
+counting single IPv6 addresses would give each guesser 2^64 budgets.  An
+IPv4-mapped IPv6 address (``::ffff:a.b.c.d``, how a dual-stack socket sees
+an IPv4 peer) is its IPv4 address, for proxies as for clients.
 """
 
 from __future__ import annotations
@@ -33,6 +39,27 @@ from twisted.internet.address import UNIXAddress
 from twisted.web.iweb import IRequest
 
 UNIX_PEERS = "unix"
+IPV6_CLIENT_PREFIX = 64  # the network an IPv6 user is given, at the least
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def _unmapped(ip: IPAddress) -> IPAddress:
+    """An IPv4-mapped IPv6 address (``::ffff:a.b.c.d``) as its IPv4 address; others as they are."""
+    return getattr(ip, "ipv4_mapped", None) or ip
+
+
+def client_key(address: str) -> str:
+    """What a client's failures are counted under: an IPv4 address, an IPv6 address's /64 prefix.
+
+    Anything that is no address (``unix``, a name a trusted proxy forwarded) is its own key.
+    """
+    try:
+        ip = _unmapped(ipaddress.ip_address(address))
+    except ValueError:
+        return address
+    if ip.version == 6:
+        return str(ipaddress.IPv6Network((int(ip), IPV6_CLIENT_PREFIX), strict=False))
+    return str(ip)
 
 
 class Throttled(Exception):
@@ -91,14 +118,20 @@ class GuessThrottle:
         self._per_client: TTLCache[Hashable, _Window] = TTLCache(max_keys, window, timer=clock.seconds)
 
     def _is_trusted(self, address: str) -> bool:
+        """Whether ``address`` is in a trusted network, as written or (IPv4-mapped) as its IPv4 address."""
         try:
             ip = ipaddress.ip_address(address)
         except ValueError:
             return False
-        return any(ip in network for network in self._trusted)
+        unmapped = _unmapped(ip)
+        return any(ip in network or unmapped in network for network in self._trusted)
 
     def client(self, request: IRequest) -> str:
-        """Who the request comes from, looking through trusted reverse proxies."""
+        """Who the request comes from, looking through trusted reverse proxies, as a ``client_key``."""
+        return client_key(self._client_address(request))
+
+    def _client_address(self, request: IRequest) -> str:
+        """The peer's address, or the one a trusted proxy forwarded."""
         address = request.getClientAddress()
         if isinstance(address, UNIXAddress):
             peer, trusted = UNIX_PEERS, self._trust_unix

@@ -68,6 +68,7 @@ class LoggedRequest(server.Request):
     """A request that times itself and logs one line when it ends."""
 
     cache_status = "-"
+    body_refused = False  # set by the HTTP/2 connection: answered 413 (``couchtoken.web.limits``)
 
     def __repr__(self) -> str:
         # Twisted puts requests in some of its own log lines: never with the token.
@@ -79,7 +80,7 @@ class LoggedRequest(server.Request):
         self._started = self._clock.seconds()
         self._wall_started = time.time()
         self.notifyFinish().addBoth(self._ended)
-        status = refusal(self)  # HTTP/2: a stream's header block comes whole, checked here
+        status = refusal(self)  # HTTP/2: a stream's header block comes whole, checked here (and its body)
         if status is not None:
             self.site = self.channel.site
             reason = REASONS[status]

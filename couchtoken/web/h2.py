@@ -12,6 +12,12 @@ The guards of HTTP/1.1, over HTTP/2:
 - request header blocks are decoded up to h2's own 64 KiB bound (GOAWAY
   beyond); the 414/431 limits of HTTP/1.1 are checked per stream by the
   request (``couchtoken.web.limits``);
+- no request takes a body: a stream that announces one (a content-length
+  above 0) or sends DATA with data is answered 413 at once, whatever
+  follows; its DATA is dropped (only the connection's window is given
+  back, never the stream's, so a client sends at most the stream's first
+  window of 64 KiB), and once the answer is sent, RST_STREAM (NO_ERROR)
+  tells the client to stop sending;
 - the header deadline: an incomplete frame, header block or request (a stream
   whose END_STREAM has not come) may last ``header_timeout`` seconds, then
   the connection goes away (GOAWAY, closed);
@@ -39,6 +45,7 @@ from typing import Any
 
 import h2.errors
 import h2.events
+import h2.exceptions
 import h2.settings
 from hyperframe.frame import GoAwayFrame
 from twisted.internet.error import ConnectionLost
@@ -46,6 +53,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web._http2 import H2Connection
 from twisted.web.http import _GenericHTTPChannelProtocol
+
+from couchtoken.web.limits import announces_body
 
 _log = Logger()
 
@@ -85,6 +94,7 @@ class GuardedH2Connection(H2Connection):
         self._deadline: Any = None
         self._unfinished: set[int] = set()  # streams whose request has not ended yet
         self._held_back: set[int] = set()  # streams paused because their queue is full
+        self._bodies_refused: set[int] = set()  # streams answered 413, until their answer is sent
         self.draining = False
         self.closed = False
         self._counted = False  # counted among the site's open connections (taken over at the switch)
@@ -130,23 +140,66 @@ class GuardedH2Connection(H2Connection):
         self._go_away(h2.errors.ErrorCodes.NO_ERROR, "idle")
 
     def _requestReceived(self, event: h2.events.RequestReceived) -> None:
+        refused = announces_body(event.headers)
+        if refused:  # no "100 Continue" (Twisted's stream would send one) for a body that is refused
+            event.headers = [(name, value) for name, value in event.headers if name != b"expect"]
         super()._requestReceived(event)
         self.setTimeout(None)
         self._unfinished.add(event.stream_id)  # until its StreamEnded, usually in the same batch
+        if refused:
+            self._refuse_body(event.stream_id)
+
+    def _requestDataReceived(self, event: h2.events.DataReceived) -> None:
+        waiting = event.stream_id in self.streams and event.stream_id not in self._bodies_refused
+        if waiting and not event.data:
+            super()._requestDataReceived(event)  # an empty frame (padding at most) is no body
+            return
+        if waiting:
+            self._refuse_body(event.stream_id)
+        # Dropped (a body, or a frame for a stream answered already): the connection's window is
+        # given back, the stream's is not.
+        if event.flow_controlled_length:
+            self.conn.increment_flow_control_window(event.flow_controlled_length)
 
     def _requestEnded(self, event: h2.events.StreamEnded) -> None:
         self._unfinished.discard(event.stream_id)
-        super()._requestEnded(event)
+        if event.stream_id in self.streams and event.stream_id not in self._bodies_refused:
+            super()._requestEnded(event)
+
+    def _requestAborted(self, event: h2.events.StreamReset) -> None:
+        if event.stream_id in self.streams:  # not one answered already in this batch of events
+            super()._requestAborted(event)
+
+    def _refuse_body(self, streamID: int) -> None:
+        """Answer 413 now (``LoggedRequest`` sees ``body_refused``); what the client sends is dropped."""
+        self._unfinished.discard(streamID)
+        self._bodies_refused.add(streamID)
+        stream = self.streams[streamID]
+        stream._request.body_refused = True
+        stream.requestComplete()
 
     def _requestDone(self, streamID: int) -> None:
         self._unfinished.discard(streamID)
         super()._requestDone(streamID)
+        if streamID in self._bodies_refused:
+            self._bodies_refused.discard(streamID)
+            self._stop_body(streamID)
         if self.streams or self.closed:
             return
         if self.draining:
             self.loseConnection()
         elif self._keepalive is not None:
             self.setTimeout(self._keepalive)
+
+    def _stop_body(self, streamID: int) -> None:
+        """RST_STREAM (NO_ERROR) after a 413: the client stops sending a body nobody reads."""
+        if self.closed:
+            return
+        try:
+            self.conn.reset_stream(streamID, error_code=h2.errors.ErrorCodes.NO_ERROR)
+        except h2.exceptions.StreamClosedError:
+            return  # the client had ended it too
+        self._tryToWriteControlData()
 
     # The header deadline.
     def _watch_incomplete(self) -> None:

@@ -450,6 +450,50 @@ def test_clients_behind_trusted_proxies():
     assert proxies.client(nameless) == ""
 
 
+def test_an_ipv6_client_is_counted_by_its_64_prefix():
+    """Every IPv6 home and host has a /64: its addresses share one budget; IPv4 counts per address."""
+    clock = Clock()
+    throttle = GuessThrottle(clock, 2, window=60)
+    doc = ("db", "x")
+
+    def client(peer: str) -> str:
+        return throttle.client(_Request(peer))
+
+    throttle.start(client("2001:db8:1:2::a"), doc).failed()
+    throttle.start(client("2001:db8:1:2:ffff:ffff:ffff:ffff"), doc).failed()
+    assert _throttled(throttle, client("2001:db8:1:2:abcd::1234"), doc) == 60
+    assert _throttled(throttle, client("2001:db8:1:3::a"), doc) is None  # the next /64
+    assert _throttled(throttle, client("2001:db8:1:1:ffff:ffff:ffff:ffff"), doc) is None
+    # An IPv4-mapped IPv6 address (a dual-stack socket's IPv4 peer) is that IPv4 address.
+    throttle.start(client("203.0.113.5"), doc).failed()
+    throttle.start(client("::ffff:203.0.113.5"), doc).failed()
+    assert _throttled(throttle, client("203.0.113.5"), doc) == 60
+    assert _throttled(throttle, client("203.0.113.6"), doc) is None
+    clock.advance(60.5)
+    assert _throttled(throttle, client("2001:db8:1:2::b"), doc) is None
+    # The per-client ceiling is per /64 as well.
+    ceiling = GuessThrottle(clock, 5, max_client_failures=3)
+    for i in range(3):
+        ceiling.start(ceiling.client(_Request(f"2001:db8:9:9::{i + 1}")), ("db", f"d{i}")).failed()
+    assert _throttled(ceiling, ceiling.client(_Request("2001:db8:9:9::ff")), ("db", "d9")) == 60
+    assert _throttled(ceiling, ceiling.client(_Request("2001:db8:9:8::1")), ("db", "d9")) is None
+
+
+def test_forwarded_clients_are_keyed_as_peers_are():
+    behind = GuessThrottle(Clock(), 1, trusted_proxies=["127.0.0.1", "2001:db8:ffff::/48"])
+    assert behind.client(_Request("127.0.0.1", "2001:db8:1:2::a")) == "2001:db8:1:2::/64"
+    assert behind.client(_Request("127.0.0.1", "::ffff:203.0.113.5")) == "203.0.113.5"
+    assert behind.client(_Request("2001:db8:ffff::1", "2001:db8:1:2::b, 2001:db8:ffff::2")) == (
+        "2001:db8:1:2::/64"
+    )
+    assert behind.client(_Request("2001:db8:1:2::b", "203.0.113.5")) == "2001:db8:1:2::/64"  # no proxy
+    assert behind.client(_Request("127.0.0.1", "2001:db8:ffff::2")) == "127.0.0.1"  # only proxies
+    # A proxy reaching a dual-stack port over IPv4 arrives as ::ffff:127.0.0.1: still trusted.
+    assert behind.client(_Request("::ffff:127.0.0.1", "203.0.113.7")) == "203.0.113.7"
+    written_mapped = GuessThrottle(Clock(), 1, trusted_proxies=["::ffff:127.0.0.1"])
+    assert written_mapped.client(_Request("::ffff:127.0.0.1", "203.0.113.7")) == "203.0.113.7"
+
+
 def test_unix_socket_peers_are_one_client_unless_trusted():
     unix = UNIXAddress(None)
     plain = GuessThrottle(Clock(), 1, trusted_proxies=["127.0.0.1"])

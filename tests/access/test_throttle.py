@@ -61,6 +61,37 @@ async def test_other_clients_behind_a_trusted_proxy_are_unaffected(start_service
 
 
 @pytest_twisted.ensureDeferred
+async def test_an_ipv6_network_behind_a_trusted_proxy_is_one_client(start_service, db, doc):
+    """Every IPv6 home and host has a /64: all its addresses share one budget."""
+    service = await start_service(max_failures=3, trusted_proxies=("127.0.0.1",))
+    for i in range(3):
+        guesser = {"X-Forwarded-For": f"2001:db8:1:2::{i + 1:x}"}
+        assert (await fetch(service.url(db, doc, "f.txt", "wrong"), headers=guesser)).status == 403
+    same_network = {"X-Forwarded-For": "2001:db8:1:2:abcd::99"}
+    assert (await fetch(service.url(db, doc, "f.txt", TOKEN), headers=same_network)).status == 429
+    next_network = {"X-Forwarded-For": "2001:db8:1:3::1"}
+    assert (await fetch(service.url(db, doc, "f.txt", TOKEN), headers=next_network)).status == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_proxy_reaching_a_dual_stack_port_over_ipv4_is_trusted(start_service, db, doc):
+    """On a ``tcp6:`` port bound to ``::`` an IPv4 peer is ``::ffff:127.0.0.1``, still the proxy."""
+    service = await start_service(max_failures=2, trusted_proxies=("127.0.0.1",))
+    port = reactor.listenTCP(0, service.app.site, interface="::")
+    try:
+        url = service.url(db, doc, "f.txt", "wrong").replace(
+            service.base_url, f"http://127.0.0.1:{port.getHost().port}", 1
+        )
+        for _ in range(2):
+            await fetch(url, headers={"X-Forwarded-For": "203.0.113.7"})
+        good = url.replace("token=wrong", f"token={TOKEN}")
+        assert (await fetch(good, headers={"X-Forwarded-For": "198.51.100.9"})).status == 200
+        assert (await fetch(good, headers={"X-Forwarded-For": "203.0.113.7"})).status == 429
+    finally:
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
 async def test_forwarded_for_is_ignored_without_a_trusted_proxy(start_service, db, doc):
     service = await start_service(max_failures=2)
     for i in range(2):

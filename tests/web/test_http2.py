@@ -10,6 +10,7 @@ is a client that holds back flow control per stream.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import subprocess
@@ -279,6 +280,83 @@ async def test_oversized_requests_get_414_or_431_on_their_stream(tls_service, fi
     assert (got, then) == (status, 200)
     assert b"Traceback" not in body and b"error" in body
     assert not [target for target in tls_service.plain.couchdb_targets() if target.startswith("GET /db/")]
+
+
+WINDOW = 65535  # the initial flow-control window of a stream, which the service announces unchanged
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize(
+    "method,headers,size",
+    [
+        ("GET", [("content-length", "200000000")], 1024 * 1024),
+        ("GET", [("content-length", "1")], 1),
+        ("GET", [("content-length", "70000"), ("expect", "100-continue")], 70000),
+        ("HEAD", [("content-length", "5000")], None),
+        ("GET", [], 1024 * 1024),
+        ("HEAD", [], 10),
+        ("POST", [("content-length", "200000000")], 1024 * 1024),
+    ],
+    ids=[
+        "get-huge",
+        "get-1",
+        "get-expecting-continue",
+        "head-announced-only",
+        "get-data-without-length",
+        "head-data",
+        "post",
+    ],
+)
+async def test_a_request_body_is_refused_on_its_stream_before_it_is_read(
+    tls_service, files, logged, method, headers, size
+):
+    """As over HTTP/1.1: 413 at once (the length announced, or the first DATA); the stream's window is
+    never given back, so a client sends at most its first window of body; the connection goes on."""
+
+    def exchange() -> tuple[int, Any, Any, bool]:
+        client = H2Client(tls_service.port)
+        try:
+            refused = client.get(
+                f"/{files}/refused/small.txt?token={TOKEN}", headers, method=method, end_stream=size is None
+            )
+            sent = client.send_body(refused, size) if size is not None else 0
+            client.until(lambda: client.done(refused), 5)
+            fine = client.get(_path(files, "small.txt")) if not client.closed else None
+            client.until(lambda: fine is not None and client.done(fine), 10)
+            return sent, client.streams[refused], client.streams.get(fine), client.closed
+        finally:
+            client.close()
+
+    sent, refused, fine, closed = await _in_thread(exchange)
+    assert (refused.status, sent <= WINDOW, closed) == (413, True, False), (refused, sent, closed)
+    assert refused.informational == []  # no "100 Continue" for a refused body
+    if method != "HEAD":
+        assert json.loads(refused.body)["error"] == "content_too_large"
+    if size and size > WINDOW:  # still sending: told to stop
+        assert refused.reset == h2.errors.ErrorCodes.NO_ERROR
+    assert (fine.status, bytes(fine.body), closed) == (200, SMALL, False)
+    assert not [target for target in tls_service.plain.couchdb_targets() if "/refused" in target]
+    assert not any(e.get("log_failure") for e in logged)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_empty_body_is_no_body_over_http2(tls_service, files):
+    """A length of 0, or an empty DATA frame that ends the request, is served."""
+
+    def exchange() -> list[tuple[int | None, bytes]]:
+        client = H2Client(tls_service.port)
+        try:
+            announced = client.get(_path(files, "small.txt"), [("content-length", "0")])
+            ended_apart = client.get(_path(files, "small.txt"), end_stream=False)
+            client.send_body(ended_apart, 0)
+            assert client.until(lambda: client.done(announced) and client.done(ended_apart), 10)
+            return [
+                (client.streams[s].status, bytes(client.streams[s].body)) for s in (announced, ended_apart)
+            ]
+        finally:
+            client.close()
+
+    assert await _in_thread(exchange) == [(200, SMALL), (200, SMALL)]
 
 
 @pytest_twisted.ensureDeferred

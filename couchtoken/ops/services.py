@@ -15,7 +15,7 @@ from couchtoken.ops.settings import Settings
 from couchtoken.upstream.blobs import BlobCache
 from couchtoken.upstream.cache import DocumentCache
 from couchtoken.upstream.client import CouchDBClient
-from couchtoken.upstream.feeds import FeedManager
+from couchtoken.upstream.coverage import Coverage
 from couchtoken.web.accesslog import DownloadSite
 from couchtoken.web.delivery import Delivery
 from couchtoken.web.inflight import InFlight
@@ -30,7 +30,7 @@ class Couchtoken:
 
     settings: Settings
     client: CouchDBClient
-    feeds: FeedManager
+    feeds: Coverage
     documents: DocumentCache
     app: DownloadApp
     metrics: Metrics
@@ -50,7 +50,15 @@ def build(settings: Settings, reactor: Any) -> Couchtoken:
         response_timeout=settings.response_timeout,
         max_connections=settings.max_connections,
     )
-    feeds = FeedManager(client, reactor, max_feeds=settings.max_feeds, heartbeat=settings.feed_heartbeat)
+    caching = settings.cache_size > 0 and settings.cache_bytes > 0
+    feeds = Coverage(
+        client,
+        reactor,
+        max_feeds=settings.max_feeds,
+        heartbeat=settings.feed_heartbeat,
+        max_databases=settings.cache_size,
+        use_global=caching,
+    )
     documents = DocumentCache(
         client.fetch_document,
         settings.token_field,
@@ -63,11 +71,12 @@ def build(settings: Settings, reactor: Any) -> Couchtoken:
     blobs = BlobCache(settings.blob_cache_bytes, settings.blob_cache_max_item)
     feeds.on_change = documents.evict
 
-    def gap(db: str) -> None:  # the database may be gone: nothing of it may be served from memory
-        documents.drop_database(db)
-        blobs.drop_database(db)
+    def drop(dbs: set[str]) -> None:  # the databases may be gone: nothing of them may be served from memory
+        documents.drop_databases(dbs)
+        blobs.drop_databases(dbs)
 
-    feeds.on_gap = gap
+    feeds.on_gap = lambda db: drop({db})
+    feeds.on_drop = drop
     metrics = Metrics()
     metrics.watch(
         lambda: {

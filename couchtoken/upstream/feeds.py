@@ -30,9 +30,10 @@ has found the feed following.
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from twisted.application.internet import backoffPolicy
@@ -41,6 +42,7 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
+from twisted.web.iweb import IResponse
 
 from couchtoken.upstream.client import CouchDBClient, UpstreamError
 from couchtoken.upstream.following import Change, FollowCheck
@@ -94,9 +96,11 @@ class ChangesFeed(Service):
         on_gap: OnGap,
         on_gone: OnGap,
         policy: Callable[[int], float] | None = None,
+        epochs: Iterator[int] | None = None,
     ) -> None:
         self.name = db
         self.db = db
+        self._epochs = epochs or itertools.count(1)  # shared by a manager's feeds: epochs never repeat
         self._client = client
         self._clock = clock
         self._heartbeat = heartbeat
@@ -147,11 +151,19 @@ class ChangesFeed(Service):
         self._retry = None
         self._connecting = Deferred.fromCoroutine(self._follow())
 
+    async def _open(self) -> IResponse:
+        """Start the feed's request (learning first whether this server needs database checks)."""
+        if self.checks is None:
+            self.checks = not await self._client.feeds_end_with_database()
+        return await self._client.open_changes(self.db, self._heartbeat, self.watchdog_timeout)
+
+    def _refused(self, code: int) -> bool:
+        """Whether an answer with status ``code`` means the feed cannot be had (a 404: no such database)."""
+        return code == 404
+
     async def _follow(self) -> None:
         try:
-            if self.checks is None:
-                self.checks = not await self._client.feeds_end_with_database()
-            response = await self._client.open_changes(self.db, self._heartbeat, self.watchdog_timeout)
+            response = await self._open()
         except CancelledError:
             return
         except UpstreamError as exc:
@@ -167,9 +179,9 @@ class ChangesFeed(Service):
             self._schedule_retry()
             return
         self._connecting = None
-        if response.code == 404:
+        if self._refused(response.code):
             await self._client.discard(response)
-            _log.info("Database {db} is gone; its feed stops", db=self.db)
+            _log.info("{db} answered {status}; its feed stops", db=self.db, status=response.code)
             self._on_gone(self.db)
             return
         if response.code != 200:
@@ -182,7 +194,7 @@ class ChangesFeed(Service):
         lines = _FeedLines(self)
         response.deliverBody(lines)
         self._transport = lines.transport
-        self.epoch += 1
+        self.epoch = next(self._epochs)
         self.live = True
         self._attempt = 0
         self.heard()
@@ -321,7 +333,7 @@ class ChangesFeed(Service):
 
 
 class FeedManager(MultiService):
-    """Follows the databases served most recently, at most ``max_feeds`` (least recently served go first)."""
+    """The databases' own feeds, at most ``max_feeds`` (by default the least recently served go first)."""
 
     def __init__(
         self,
@@ -331,17 +343,25 @@ class FeedManager(MultiService):
         max_feeds: int,
         heartbeat: float,
         policy: Callable[[int], float] | None = None,
+        epochs: Iterator[int] | None = None,
     ) -> None:
         super().__init__()
         self._client = client
         self._clock = clock
-        self._max_feeds = max_feeds
+        self.max_feeds = max_feeds
         self._heartbeat = heartbeat
         self._policy = policy
+        self._epochs = epochs or itertools.count(1)
         self._feeds: OrderedDict[str, ChangesFeed] = OrderedDict()
         self._retired_reconnects = 0
         self.on_change: OnChange = lambda db, docid: None
         self.on_gap: OnGap = lambda db: None
+
+    def has(self, db: str) -> bool:
+        return db in self._feeds
+
+    def full(self) -> bool:
+        return len(self._feeds) >= self.max_feeds
 
     def live_epoch(self, db: str) -> int | None:
         """The live epoch of ``db``'s feed, if it has one that may be trusted now (never starts one)."""
@@ -357,11 +377,20 @@ class FeedManager(MultiService):
         feed = self._feeds.get(db)
         if feed is not None:
             self._feeds.move_to_end(db)
-        elif self.running and self._max_feeds > 0:
+        elif self.running and self.max_feeds > 0:
             self._start(db)
 
+    def coldest(self, score: Callable[[str], float]) -> str | None:
+        """The followed database with the lowest ``score``."""
+        return min(self._feeds, key=score, default=None)
+
+    def stop(self, db: str) -> None:
+        """Stop following ``db`` (its entries go with the feed)."""
+        if self._feeds.pop(db, None) is not None:
+            self._stop(db)
+
     def _start(self, db: str) -> ChangesFeed:
-        while len(self._feeds) >= self._max_feeds:
+        while len(self._feeds) >= self.max_feeds:
             oldest, _ = self._feeds.popitem(last=False)
             self._stop(oldest)
         feed = ChangesFeed(
@@ -373,6 +402,7 @@ class FeedManager(MultiService):
             on_gap=self._gapped,
             on_gone=self._forget,
             policy=self._policy,
+            epochs=self._epochs,
         )
         self._feeds[db] = feed
         feed.setServiceParent(self)

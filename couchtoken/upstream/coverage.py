@@ -16,7 +16,9 @@ Three modes, shown in ``/_health``:
     ``max_feeds``, the least recently served going first.  Said once in the
     log.
 ``starting``
-    Not known yet (the global feed has not answered): as ``per-database``.
+    Not known yet (the global feed has not answered): as ``per-database``;
+    once the global feed is live, the databases that are not hot lose their
+    own feed.
 
 Only a passed token check covers a database or moves it up, so requests
 that fail (made-up names, wrong tokens) cost CouchDB nothing and push
@@ -88,6 +90,7 @@ class Coverage(MultiService):
         )
         self.own.on_change = self._changed
         self.own.on_gap = self._gapped
+        self.own.on_started = self._own_feed_started
         self.own.setServiceParent(self)
         self.global_feed: GlobalFeed | None = None
         self.covered: GlobalCoverage | None = None
@@ -102,6 +105,7 @@ class Coverage(MultiService):
                 policy=policy,
                 epochs=epochs,
             )
+            self.global_feed.on_live = self._global_live
             self.global_feed.setServiceParent(self)
             self.covered = GlobalCoverage(
                 client,
@@ -133,10 +137,10 @@ class Coverage(MultiService):
 
     def served(self, db: str) -> None:
         """A token check in ``db`` passed: cover ``db`` (and count it towards its own feed)."""
+        score = self.hotness.hit(db)
         if self.mode != "global" or self.covered is None:
             self.own.served(db)
             return
-        score = self.hotness.hit(db)
         if self.own.has(db):
             self.own.served(db)
             return
@@ -145,10 +149,9 @@ class Coverage(MultiService):
             if victim is None or 2 * self.hotness.score(victim) < score:
                 if victim is not None:
                     self.own.stop(victim)  # back under the global feed at its next passed check
-                self.covered.forget(db)
-                self.on_drop({db})  # its entries belong to the global feed's epoch: they would not be used
-                self.own.served(db)
-                return
+                self.own.served(db)  # starts its feed now, or once the victim's connection is closed
+                if self.own.has(db):
+                    return
         self.covered.cover(db)
 
     def stopService(self) -> Any:
@@ -162,12 +165,23 @@ class Coverage(MultiService):
     def _gapped(self, db: str) -> None:
         self.on_gap(db)
 
+    def _own_feed_started(self, db: str) -> None:
+        if self.covered is not None and self.mode == "global":
+            self.covered.forget(db)
+            self.on_drop({db})  # its entries belong to the global feed's epoch: they would not be used
+
     def _dropped(self, dbs: set[str]) -> None:
         self.on_drop(dbs)
 
     def _event(self, db: str, kind: str) -> None:
         if self.covered is not None and not self.own.has(db):
             self.covered.event(db, kind)
+
+    def _global_live(self) -> None:
+        """The global feed is live (again): the databases that are not hot need no feed of their own."""
+        for feed in self.own.feeds():
+            if self.hotness.score(feed.db) < self._hot_score:
+                self.own.stop(feed.db)
 
     def _global_gap(self, name: str) -> None:
         if self.covered is not None:

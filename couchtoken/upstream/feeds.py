@@ -38,7 +38,7 @@ from typing import Any
 
 from twisted.application.internet import backoffPolicy
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
@@ -118,6 +118,8 @@ class ChangesFeed(Service):
         self._transport: Any = None
         self._retry: Any = None
         self._watchdog: Any = None
+        self._closing: list[Deferred[None]] = []
+        self.on_live: Callable[[], None] = lambda: None  # each time the feed goes live
         self.checks: bool | None = None  # whether the database is checked (learnt before the first connect)
         self._following = FollowCheck()
         self._confirmed_at: float | None = None
@@ -146,6 +148,14 @@ class ChangesFeed(Service):
         if self._transport is not None:
             self._transport.stopProducing()
         self._gap()
+
+    def connection_closed(self) -> Deferred[None]:
+        """Fires once the feed's connection (if it has one now) is closed."""
+        if self._transport is None:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._closing.append(waiter)
+        return waiter
 
     def _connect(self) -> None:
         self._retry = None
@@ -198,12 +208,16 @@ class ChangesFeed(Service):
         self.live = True
         self._attempt = 0
         self.heard()
+        self.on_live()
         if self.checks:
             self._following = FollowCheck()
             self._confirmed_at = None
             self._check(self.epoch)
         reason = await lines.finished
         self._transport = None
+        closing, self._closing = self._closing, []
+        for waiter in closing:
+            waiter.callback(None)
         if self.live:  # else the gap was had already (a stop, a database check)
             self._gap()
         if self.running:
@@ -353,6 +367,9 @@ class FeedManager(MultiService):
         self._policy = policy
         self._epochs = epochs or itertools.count(1)
         self._feeds: OrderedDict[str, ChangesFeed] = OrderedDict()
+        self._closing = 0  # stopped feeds whose connection is not closed yet
+        self._waiting: str | None = None  # the database to follow once one of them has closed
+        self.on_started: Callable[[str], None] = lambda db: None
         self._retired_reconnects = 0
         self.on_change: OnChange = lambda db, docid: None
         self.on_gap: OnGap = lambda db: None
@@ -361,7 +378,8 @@ class FeedManager(MultiService):
         return db in self._feeds
 
     def full(self) -> bool:
-        return len(self._feeds) >= self.max_feeds
+        """No room for another feed (feeds still closing their connection count too)."""
+        return len(self._feeds) + self._closing >= self.max_feeds
 
     def live_epoch(self, db: str) -> int | None:
         """The live epoch of ``db``'s feed, if it has one that may be trusted now (never starts one)."""
@@ -378,7 +396,13 @@ class FeedManager(MultiService):
         if feed is not None:
             self._feeds.move_to_end(db)
         elif self.running and self.max_feeds > 0:
-            self._start(db)
+            while len(self._feeds) >= self.max_feeds:  # (feeds still closing will make room themselves)
+                oldest, _ = self._feeds.popitem(last=False)
+                self._stop(oldest)
+            if self.full():
+                self._waiting = db  # a stopped feed still closes its connection: started once it has
+            else:
+                self._start(db)
 
     def coldest(self, score: Callable[[str], float]) -> str | None:
         """The followed database with the lowest ``score``."""
@@ -390,9 +414,7 @@ class FeedManager(MultiService):
             self._stop(db)
 
     def _start(self, db: str) -> ChangesFeed:
-        while len(self._feeds) >= self.max_feeds:
-            oldest, _ = self._feeds.popitem(last=False)
-            self._stop(oldest)
+        self.on_started(db)
         feed = ChangesFeed(
             db,
             self._client,
@@ -412,7 +434,17 @@ class FeedManager(MultiService):
         feed = self.getServiceNamed(db) if db in self.namedServices else None
         if feed is not None:
             self._retired_reconnects += feed.reconnects
+            closed = feed.connection_closed()
             feed.disownServiceParent()  # stops it, which drops its entries
+            if not closed.called:  # its connection counts until it is gone: max_feeds is a hard bound
+                self._closing += 1
+                closed.addBoth(self._closed)
+
+    def _closed(self, _: object) -> None:
+        self._closing -= 1
+        db, self._waiting = self._waiting, None
+        if db is not None and db not in self._feeds and self.running and not self.full():
+            self._start(db)
 
     def _changed(self, db: str, docid: str) -> None:
         self.on_change(db, docid)

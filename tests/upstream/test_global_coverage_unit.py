@@ -165,3 +165,72 @@ def test_hotness_decays():
     clock.advance(10)
     assert 3.6 < hotness.score("db") < 3.7
     assert hotness.score("cold") == 0
+
+
+class FeedClient:
+    """Feeds (own and global) that wait for the test to answer them."""
+
+    def __init__(self) -> None:
+        self.own: dict[str, list[Deferred]] = {}
+        self.global_feed: list[Deferred] = []
+
+    async def feeds_end_with_database(self) -> bool:
+        return True
+
+    async def open_changes(self, db: str, heartbeat: float, timeout: float) -> Any:
+        d: Deferred = Deferred()
+        self.own.setdefault(db, []).append(d)
+        return await d
+
+    async def open_db_updates(self, heartbeat: float, timeout: float) -> Any:
+        d: Deferred = Deferred()
+        self.global_feed.append(d)
+        return await d
+
+    async def database_update_seq(self, db: str) -> Any:
+        return "1-a"
+
+
+class Response:
+    code = 200
+
+    def deliverBody(self, protocol: Any) -> None:
+        protocol.makeConnection(Transport(protocol))
+
+
+class Transport:
+    disconnecting = False
+
+    def __init__(self, protocol: Any) -> None:
+        self.protocol = protocol
+
+    def stopProducing(self) -> None:
+        from twisted.internet.error import ConnectionLost
+        from twisted.python.failure import Failure
+
+        self.protocol.connectionLost(Failure(ConnectionLost()))
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+
+def test_feeds_started_before_the_global_feed_answered_go_unless_hot():
+    from couchtoken.upstream.coverage import Coverage
+
+    clock, client = Clock(), FeedClient()
+    coverage = Coverage(client, clock, max_feeds=10, heartbeat=1.0, max_databases=100)  # type: ignore[arg-type]
+    coverage.startService()
+    assert coverage.mode == "starting"
+    coverage.served("cold")  # as per-database meanwhile: a feed of its own
+    for _ in range(12):
+        coverage.served("hot")
+    assert sorted(f.db for f in coverage.feeds()) == ["cold", "hot"]
+    client.global_feed.pop(0).callback(Response())
+    assert coverage.mode == "global"
+    assert [f.db for f in coverage.feeds()] == ["hot"], "the cold database is left to the global feed"
+    coverage.served("cold")
+    assert [f.db for f in coverage.feeds()] == ["hot"] and coverage.live_epoch("cold") is not None
+    coverage.stopService()

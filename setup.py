@@ -10,7 +10,7 @@ setup(
     python_requires=">=3.11",
     packages=[*find_packages(include=["couchtoken", "couchtoken.*"]), "twisted.plugins"],
     install_requires=[
-        "twisted[tls]>=24.7",
+        "twisted[tls,http2]>=24.7",
         "treq>=24.9",
         "klein>=24.8",
         "werkzeug>=3.0",

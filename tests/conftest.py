@@ -195,21 +195,31 @@ class ServiceStarter:
         self.running.append(service)
         return service
 
+    async def stop(self, service: RunningService) -> None:
+        """Stop one service now, the way a process stops (a restart test starts another)."""
+        self.running.remove(service)
+        await service.port.stopListening()
+        await service.app.service.stopService()
+        if service.proxy is not None:
+            await service.proxy.stop()
+
     async def stop_all(self) -> None:
-        for service in self.running:
-            await service.port.stopListening()
-            await service.app.service.stopService()
-            if service.proxy is not None:
-                await service.proxy.stop()
-        self.running = []
+        for service in list(self.running):
+            await self.stop(service)
 
 
 @pytest.fixture
-def start_service(couch_server: CouchServer) -> Iterator[Any]:
-    """``await start_service(**settings)``: a running service, stopped after the test."""
+def service_starter(couch_server: CouchServer) -> Iterator[ServiceStarter]:
+    """Starts services (``.start(**settings)``), stops one (``.stop``), stops all after the test."""
     starter = ServiceStarter(couch_server)
-    yield starter.start
+    yield starter
     pytest_twisted.blockon(ensureDeferred(starter.stop_all()))
+
+
+@pytest.fixture
+def start_service(service_starter: ServiceStarter) -> Any:
+    """``await start_service(**settings)``: a running service, stopped after the test."""
+    return service_starter.start
 
 
 @pytest.fixture

@@ -1,4 +1,8 @@
-"""What a download needs to know about one attachment, from its stub."""
+"""What a download needs to know about one attachment, from its stub.
+
+A content type that is not one well-formed media type (see ``mediatypes``)
+becomes ``application/octet-stream``.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,9 @@ from typing import Any
 
 import attrs
 
-DEFAULT_CONTENT_TYPE = b"application/octet-stream"
-_SAFE_MEDIA_TYPE = re.compile(rb"[\x21-\x7e][\x20-\x7e]*\Z")
+from couchtoken.access.mediatypes import OCTET_STREAM, essence
+
+DEFAULT_CONTENT_TYPE = OCTET_STREAM.encode("ascii")
 _SAFE_DIGEST = re.compile(r"[A-Za-z0-9+/=_-]+\Z")
 
 
@@ -26,8 +31,8 @@ class AttachmentInfo:
     @classmethod
     def from_stub(cls, stub: Mapping[str, Any]) -> AttachmentInfo:
         content_type = stub.get("content_type")
-        raw_type = content_type.encode("utf-8") if isinstance(content_type, str) else b""
-        if not _SAFE_MEDIA_TYPE.match(raw_type):
+        raw_type = content_type.encode("utf-8").strip(b" \t") if isinstance(content_type, str) else b""
+        if essence(raw_type) is None:
             raw_type = DEFAULT_CONTENT_TYPE
         return cls(
             content_type=raw_type,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application.internet import backoffPolicy
@@ -112,11 +113,19 @@ class ListeningPort(Service):
     without a port; systemd's Restart=on-failure needs the process to exit.)
     """
 
-    def __init__(self, endpoint: Any, factory: Any, reactor: Any, description: str) -> None:
+    def __init__(
+        self,
+        endpoint: Any,
+        factory: Any,
+        reactor: Any,
+        description: str,
+        on_listening: Callable[[Any], None] | None = None,
+    ) -> None:
         self._endpoint = endpoint
         self._factory = factory
         self._reactor = reactor
         self._description = description
+        self._on_listening = on_listening
         self._listening: Any = None
         self._port: Any = None
 
@@ -141,10 +150,17 @@ class ListeningPort(Service):
 
     def _listened(self, port: Any) -> None:
         self._port = port
+        if self._on_listening is not None:
+            self._on_listening(port)
 
     def _failed(self, failure: Any) -> None:
         if failure.check(CancelledError):
             return
-        _log.critical("Cannot listen on {port}: {why}", port=self._description, why=failure.getErrorMessage())
-        self._reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
-        self._reactor.callWhenRunning(self._reactor.stop)
+        exit_because_cannot_listen(self._reactor, self._description, failure.getErrorMessage())
+
+
+def exit_because_cannot_listen(reactor: Any, description: str, why: str) -> None:
+    """Log why a port cannot be opened, and stop the process with status 1."""
+    _log.critical("Cannot listen on {port}: {why}", port=description, why=why)
+    reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
+    reactor.callWhenRunning(reactor.stop)

@@ -38,12 +38,17 @@ class Settings:
     metrics_port: str | None = None
     blob_cache_bytes: int = 64 * 1024 * 1024
     blob_cache_max_item: int = 256 * 1024
+    disk_cache_dir: str | None = None
+    disk_cache_bytes: int = 10 * 1024**3
+    disk_cache_max_item: int = 1024**3
     sandbox_types: tuple[str, ...] = ()
     force_download_types: tuple[str, ...] = ()
     databases: tuple[str, ...] = ()
     max_link_lifetime: float = 7 * 24 * 3600.0
     max_failures: int = 30
+    max_client_failures: int = 300
     trusted_proxies: tuple[str, ...] = ()
+    http2: bool = True
 
     def describe(self) -> str:
         """One line for the start-up log, credentials masked."""
@@ -58,5 +63,7 @@ class Settings:
             f"drain_timeout={self.drain_timeout}s log_format={self.access_log_format} "
             f"metrics_port={self.metrics_port or 'public port'} "
             f"blob_cache_bytes={self.blob_cache_bytes} blob_cache_max_item={self.blob_cache_max_item} "
-            f"databases={','.join(self.databases) or '*'}"
+            f"disk_cache_dir={self.disk_cache_dir or '-'} disk_cache_bytes={self.disk_cache_bytes} "
+            f"disk_cache_max_item={self.disk_cache_max_item} "
+            f"databases={','.join(self.databases) or '*'} http2={'on' if self.http2 else 'off'}"
         )

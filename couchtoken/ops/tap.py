@@ -8,16 +8,22 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from collections.abc import Mapping
+import sys
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from twisted.application.service import MultiService
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
+from couchtoken.access.mediatypes import parse_type_option
+from couchtoken.access.throttle import UNIX_PEERS
 from couchtoken.ops.lifecycle import ExitCleanlyOnSigterm, ListeningPort
 from couchtoken.ops.services import build
 from couchtoken.ops.settings import DEFAULT_TOKEN_FIELD, Settings, parse_token_field
+from couchtoken.ops.worker import make_worker_service
+from couchtoken.ops.workers import cpu_count, make_supervisor_service
+from couchtoken.upstream.diskcache import directory_problem
 from couchtoken.upstream.server import DEFAULT_COUCHDB_URL, ConfigError, CouchDBCluster
 
 
@@ -51,6 +57,17 @@ def _at_least_one(value: str) -> int:
 _at_least_one.coerceDoc = "A whole number, 1 or more."  # type: ignore[attr-defined]
 
 
+def _workers(value: str) -> int:
+    if value == "auto":
+        return cpu_count()
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError("must be a whole number, 1 or more, or auto")
+    return int(value)
+
+
+_workers.coerceDoc = "A whole number, 1 or more, or auto (one per CPU)."  # type: ignore[attr-defined]
+
+
 def _log_format(value: str) -> str:
     if value not in ("combined", "json"):
         raise ValueError("must be combined or json")
@@ -70,13 +87,27 @@ def _list(option: str, value: str) -> tuple[str, ...]:
     return items
 
 
-def _networks(option: str, value: str) -> tuple[str, ...]:
+def _media_types(option: str, value: str) -> tuple[str, ...]:
     items = _list(option, value)
     for item in items:
         try:
+            parse_type_option(item)
+        except ValueError as exc:
+            raise usage.UsageError(f"--{option}: {exc}") from None
+    return items
+
+
+def _networks(option: str, value: str) -> tuple[str, ...]:
+    items = _list(option, value)
+    for item in items:
+        if item == UNIX_PEERS:
+            continue
+        try:
             ipaddress.ip_network(item, strict=False)
         except ValueError:
-            raise usage.UsageError(f"--{option}: {item!r} is not an IP address or network") from None
+            raise usage.UsageError(
+                f"--{option}: {item!r} is not an IP address or network, or {UNIX_PEERS}"
+            ) from None
     return items
 
 
@@ -225,6 +256,26 @@ class Options(usage.Options):
             _count,
         ],
         [
+            "disk-cache-dir",
+            None,
+            None,
+            "Directory for the disk cache of large attachments (default: none, the disk cache is off).",
+        ],
+        [
+            "disk-cache-bytes",
+            None,
+            10 * 1024**3,
+            "Bytes of files the disk cache keeps at most (0 turns it off).",
+            _count,
+        ],
+        [
+            "disk-cache-max-item",
+            None,
+            1024**3,
+            "Largest attachment body, in bytes, the disk cache keeps.",
+            _count,
+        ],
+        [
             "databases",
             None,
             "",
@@ -235,14 +286,16 @@ class Options(usage.Options):
             "sandbox-types",
             None,
             "",
-            "Comma-separated media types served with Content-Security-Policy: sandbox, besides "
-            "HTML, XHTML, SVG and XML.",
+            "Comma-separated media types (type/subtype or type/*) served with "
+            "Content-Security-Policy: sandbox although passive (images, audio, video, PDF, plain "
+            "text, CSV); every other type always is.",
         ],
         [
             "force-download-types",
             None,
             "",
-            "Comma-separated media types always served as Content-Disposition: attachment.",
+            "Comma-separated media types (type/subtype or type/*) always served as "
+            "Content-Disposition: attachment.",
         ],
         [
             "max-link-lifetime",
@@ -255,7 +308,16 @@ class Options(usage.Options):
             "max-failures",
             None,
             30,
-            "Failed token checks a client address may make per minute; past it, 429 (0: no limit).",
+            "Failed token checks a client may make on one document per minute; past it, 429 for "
+            "that document (0: no guess throttling at all).",
+            _count,
+        ],
+        [
+            "max-client-failures",
+            None,
+            300,
+            "Failed token checks a client may make per minute across all documents; past it, 429 "
+            "for everything (0: no such ceiling).",
             _count,
         ],
         [
@@ -263,7 +325,7 @@ class Options(usage.Options):
             None,
             "",
             "Comma-separated addresses or networks of reverse proxies whose X-Forwarded-For "
-            "names the client.",
+            "names the client; 'unix' trusts every connection on a unix: port.",
         ],
         [
             "metrics-port",
@@ -272,11 +334,29 @@ class Options(usage.Options):
             "Endpoint serving /_metrics and /_health apart (e.g. tcp:9100:interface=127.0.0.1); "
             "when given, /_metrics leaves the public port.",
         ],
+        [
+            "workers",
+            None,
+            1,
+            "Processes accepting on the port: a number, or auto for one per CPU. Past 1, a supervisor "
+            "opens the ports, restarts workers that die and sums their metrics on --metrics-port.",
+            _workers,
+        ],
+    ]
+    optFlags = [
+        ["no-http2", None, "Offer only HTTP/1.1 on TLS ports (by default ALPN offers h2 first)."],
+        ["worker", None, "Internal: set by --workers on the processes it starts."],
     ]
 
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
         super().__init__()
         self._environ = os.environ if environ is None else environ
+        self.arguments: list[str] = []
+
+    def parseOptions(self, options: Sequence[str] | None = None) -> None:
+        # Kept for --workers, which starts its workers with the same arguments.
+        self.arguments = list(sys.argv[1:] if options is None else options)
+        super().parseOptions(options)
 
     def _couchdb_url(self) -> str:
         """Command line first, then the environment; a URL or a file holding one, not both."""
@@ -297,9 +377,14 @@ class Options(usage.Options):
         return DEFAULT_COUCHDB_URL
 
     def postOptions(self) -> None:
-        _endpoint("port", self["port"])
+        if not self["worker"]:  # a worker's port is the socket its supervisor opened
+            _endpoint("port", self["port"])
         if self["metrics-port"] is not None:
             _endpoint("metrics-port", self["metrics-port"])
+        if self["disk-cache-dir"]:
+            problem = directory_problem(self["disk-cache-dir"])
+            if problem:
+                raise usage.UsageError(f"--disk-cache-dir {self['disk-cache-dir']} {problem}")
         url = self._couchdb_url()
         field = self["token-field"] or self._environ.get("DOWNLOAD_TOKEN_KEY_NAME") or DEFAULT_TOKEN_FIELD
         try:
@@ -321,12 +406,17 @@ class Options(usage.Options):
                 metrics_port=self["metrics-port"],
                 blob_cache_bytes=self["blob-cache-bytes"],
                 blob_cache_max_item=self["blob-cache-max-item"],
-                sandbox_types=_list("sandbox-types", self["sandbox-types"]),
-                force_download_types=_list("force-download-types", self["force-download-types"]),
+                disk_cache_dir=self["disk-cache-dir"] or None,
+                disk_cache_bytes=self["disk-cache-bytes"],
+                disk_cache_max_item=self["disk-cache-max-item"],
+                sandbox_types=_media_types("sandbox-types", self["sandbox-types"]),
+                force_download_types=_media_types("force-download-types", self["force-download-types"]),
                 databases=_list("databases", self["databases"]),
                 max_link_lifetime=self["max-link-lifetime"],
                 max_failures=self["max-failures"],
+                max_client_failures=self["max-client-failures"],
                 trusted_proxies=_networks("trusted-proxies", self["trusted-proxies"]),
+                http2=not self["no-http2"],
             )
         except ConfigError as exc:
             raise usage.UsageError(str(exc)) from None
@@ -335,12 +425,16 @@ class Options(usage.Options):
 
 
 def makeService(config: Options, reactor: Any = None) -> MultiService:
-    """The service tree ``twist couchtoken`` runs."""
+    """The service tree ``twist couchtoken`` runs: one process, or a supervisor, or one of its workers."""
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
     settings: Settings = config["settings"]
+    if config["worker"]:
+        return make_worker_service(settings, config["port"], config["workers"], reactor)
+    if config["workers"] > 1:
+        return make_supervisor_service(settings, config["port"], config["workers"], config.arguments, reactor)
     parts = build(settings, reactor)
     # Stopping runs in reverse order: the ports close first, then downloads drain.
     ports = [(config["port"], parts.site)]

@@ -1,6 +1,8 @@
 """The only way couchtoken talks to CouchDB: a few GETs, nothing else.
 
-``fetch_document`` reads ``GET /<db>/<docid>?att_encoding_info=true``; ``open_attachment`` starts
+``fetch_document`` reads ``GET /<db>/<docid>?att_encoding_info=true`` (a
+document nested too deeply for Python's JSON parser reads as an empty one,
+and is logged once); ``open_attachment`` starts
 ``GET /<db>/<docid>/<attachment>?rev=<rev>`` and hands back the unread
 response so its body can be streamed; ``open_changes`` starts a database's
 continuous ``_changes`` feed; ``latest_change`` reads a database's latest change for
@@ -19,8 +21,10 @@ import json
 from typing import Any
 
 import treq
+from cachetools import TTLCache
 from twisted.internet import defer, error
 from twisted.internet.defer import Deferred, gatherResults
+from twisted.logger import Logger
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed, _HTTP11ClientFactory
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
@@ -31,9 +35,12 @@ from couchtoken.upstream.nodes import NodeSet
 from couchtoken.upstream.server import CouchDBCluster, CouchDBServer, as_cluster
 from couchtoken.upstream.slots import ConnectionSlots, QueueTimeout, Release
 
+_log = Logger()
+
 DOCUMENT_QUERY = "att_encoding_info=true"
 LATEST_CHANGE_QUERY = "descending=true&limit=1"
 MAX_DOCUMENT_BYTES = 16 * 1024 * 1024
+REPORT_AGAIN_AFTER = 3600.0  # seconds before the same unreadable document is logged again
 MAX_ERROR_BODY_BYTES = 64 * 1024
 _USER_AGENT = f"couchtoken/{__version__}".encode("ascii")
 
@@ -57,6 +64,13 @@ class UpstreamTimeout(UpstreamError):
 
 class _BodyTooLarge(Exception):
     pass
+
+
+class _TooDeep(UpstreamError):
+    """JSON nested deeper than Python's parser can read (CouchDB stores such documents)."""
+
+    def __init__(self) -> None:
+        super().__init__("garbage", "CouchDB sent JSON nested too deeply to read")
 
 
 class _QuietClientFactory(_HTTP11ClientFactory):
@@ -136,6 +150,9 @@ class CouchDBClient:
         feed_pool._factory = _QuietClientFactory
         self._feed_agent = Agent(reactor, connectTimeout=connect_timeout, pool=feed_pool)
         self._health_path = "/_up"
+        self._reported: TTLCache[tuple[str, str], bool] = TTLCache(
+            maxsize=1000, ttl=REPORT_AGAIN_AFTER, timer=reactor.seconds
+        )
         self._has_up: bool | None = None  # whether the server answers GET /_up (learnt by a health check)
 
     def __repr__(self) -> str:
@@ -216,7 +233,11 @@ class CouchDBClient:
         if response.code != 200:
             await self.discard(response)
             raise _status_error(response.code)
-        return await self._read_object(response, "document")
+        try:
+            return await self._read_object(response, "document")
+        except _TooDeep:
+            self._report_unreadable(db, docid)
+            return {}  # a document with nothing usable in it: it opens nothing (403)
 
     async def _read_object(self, response: IResponse, noun: str) -> dict[str, Any]:
         """The response's body as a JSON object (bounded in size and time)."""
@@ -231,6 +252,9 @@ class CouchDBClient:
             raise _translate(exc) from None
         try:
             found = json.loads(body)
+        except RecursionError:
+            # Valid JSON that CouchDB stores but Python's parser cannot read.
+            raise _TooDeep() from None
         except ValueError:
             raise UpstreamError("garbage", f"CouchDB sent a {noun} that is not JSON") from None
         if not isinstance(found, dict):
@@ -281,6 +305,17 @@ class CouchDBClient:
             if self._has_up is None:
                 raise UpstreamError("connect", problem or "CouchDB did not answer")
         return self._has_up
+
+    def _report_unreadable(self, db: str, docid: str) -> None:
+        """One warning per document (and per hour at most), not one per request."""
+        if (db, docid) in self._reported:
+            return
+        self._reported[db, docid] = True
+        _log.warn(
+            "CouchDB document {db}/{docid} is nested too deeply to read; it opens nothing",
+            db=db,
+            docid=docid,
+        )
 
     async def open_attachment(
         self,

@@ -91,6 +91,7 @@ class Coverage(MultiService):
         self.own.on_change = self._changed
         self.own.on_gap = self._gapped
         self.own.on_started = self._own_feed_started
+        self.own.on_gone = self._gone
         self.own.setServiceParent(self)
         self.global_feed: GlobalFeed | None = None
         self.covered: GlobalCoverage | None = None
@@ -120,6 +121,7 @@ class Coverage(MultiService):
         self.on_change: OnChange = lambda db, docid: None
         self.on_gap: OnGap = lambda db: None  # one database's entries (and bodies) must go
         self.on_drop: OnDrop = lambda dbs: None  # these databases' entries (and bodies) must go
+        self.on_gone: OnGap = lambda db: None  # the database was deleted: its disk files are of no use
 
     @property
     def mode(self) -> str:
@@ -173,7 +175,12 @@ class Coverage(MultiService):
     def _dropped(self, dbs: set[str]) -> None:
         self.on_drop(dbs)
 
+    def _gone(self, db: str) -> None:
+        self.on_gone(db)
+
     def _event(self, db: str, kind: str) -> None:
+        if kind == "deleted":
+            self.on_gone(db)
         if self.covered is not None and not self.own.has(db):
             self.covered.event(db, kind)
 

@@ -373,6 +373,7 @@ class FeedManager(MultiService):
         self._retired_reconnects = 0
         self.on_change: OnChange = lambda db, docid: None
         self.on_gap: OnGap = lambda db: None
+        self.on_gone: OnGap = lambda db: None  # the feed found the database deleted
 
     def has(self, db: str) -> bool:
         return db in self._feeds
@@ -455,6 +456,7 @@ class FeedManager(MultiService):
     def _forget(self, db: str) -> None:
         self._feeds.pop(db, None)
         self._stop(db)
+        self.on_gone(db)
 
     def feeds(self) -> list[ChangesFeed]:
         return list(self._feeds.values())

@@ -2,15 +2,22 @@
 
 Twisted's own access log prints the full URI, query string and token
 included; it is replaced here.  Every query value except a few harmless ones
-is written as ``REDACTED`` (in the Referer too).  Lines come in Apache's
+is written as ``REDACTED`` (in the Referer too).  What the client sent is
+written as printable ASCII: a backslash doubled, every other byte (control
+characters such as ESC, non-ASCII) as ``\\xHH``, so a request cannot rewrite
+a terminal or forge a log line.  Lines come in Apache's
 combined format followed by the duration and the cache outcome, or as JSON
 objects (``--log-format json``).  Each ending request also updates the
 request metrics.  Polls of ``/_health`` and ``/_metrics`` are not logged.
+
+``DownloadSite`` also chooses the connections: the guarded HTTP/1.1 channel,
+and HTTP/2 where TLS's ALPN agrees on ``h2`` (unless turned off).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Any
 from urllib.parse import unquote_to_bytes
@@ -18,12 +25,24 @@ from urllib.parse import unquote_to_bytes
 from twisted.logger import Logger
 from twisted.web import server
 
+from couchtoken.web.answers import HTTPAnswer, write_answer
 from couchtoken.web.channel import GuardedHTTPChannel
+from couchtoken.web.connections import ConnectionLimit
+from couchtoken.web.h2 import NegotiatingChannel
+from couchtoken.web.inflight import InFlight
+from couchtoken.web.limits import REASONS, refusal
 from couchtoken.web.metrics import Metrics
 
 _SHOWN_QUERY_KEYS = frozenset({b"download"})
 _QUIET_PATHS = frozenset({b"/_health", b"/_metrics"})
 _log = Logger(namespace="couchtoken.access")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def printable(raw: bytes) -> str:
+    """Bytes from a request as log text: printable ASCII, ``\\`` doubled, anything else ``\\xHH``."""
+    text = raw.replace(b"\\", b"\\\\").decode("ascii", "backslashreplace")
+    return _CONTROL.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
 
 
 def redact_uri(uri: bytes) -> str:
@@ -38,11 +57,11 @@ def redact_uri(uri: bytes) -> str:
                 pair = key + b"=REDACTED"
             parts.append(pair)
         path += b"?" + b"&".join(parts)
-    return path.decode("ascii", "backslashreplace")
+    return printable(path)
 
 
 def _quoted(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"')
+    return value.replace('"', '\\"')  # backslashes are doubled already (``printable``)
 
 
 class LoggedRequest(server.Request):
@@ -52,7 +71,7 @@ class LoggedRequest(server.Request):
 
     def __repr__(self) -> str:
         # Twisted puts requests in some of its own log lines: never with the token.
-        method = self.method.decode("ascii", "replace") if self.method else "?"
+        method = printable(self.method) if self.method else "?"
         return f"<LoggedRequest {method} {redact_uri(self.uri or b'')}>"
 
     def process(self) -> None:
@@ -60,6 +79,13 @@ class LoggedRequest(server.Request):
         self._started = self._clock.seconds()
         self._wall_started = time.time()
         self.notifyFinish().addBoth(self._ended)
+        status = refusal(self)  # HTTP/2: a stream's header block comes whole, checked here
+        if status is not None:
+            self.site = self.channel.site
+            reason = REASONS[status]
+            self.write(write_answer(self, HTTPAnswer(status, reason.lower().replace(" ", "_"), reason)))
+            self.finish()
+            return
         super().process()
 
     def _ended(self, result: object) -> None:
@@ -83,13 +109,13 @@ class LoggedRequest(server.Request):
         return {
             "client": getattr(self.getClientAddress(), "host", "-"),
             "time": self._wall_started,
-            "method": self.method.decode("ascii", "replace"),
+            "method": printable(self.method),
             "uri": redact_uri(self.uri),
-            "protocol": self.clientproto.decode("ascii", "replace"),
+            "protocol": printable(self.clientproto),
             "status": self.code,
             "bytes": self.sentLength,
             "referer": redact_uri(referer) if referer else None,
-            "user_agent": agent.decode("latin-1") if agent else None,
+            "user_agent": printable(agent) if agent else None,
             "duration_ms": round(duration * 1000, 3),
             "cache": self.cache_status,
             "completed": completed,
@@ -106,19 +132,55 @@ class LoggedRequest(server.Request):
         return line if f["completed"] else line + " aborted"
 
 
+def _guarded_channel(site: DownloadSite) -> NegotiatingChannel:
+    return NegotiatingChannel(GuardedHTTPChannel())
+
+
 class DownloadSite(server.Site):
-    """A Site whose access log is ``LoggedRequest``'s redacted line, on guarded connections."""
+    """A Site whose access log is ``LoggedRequest``'s redacted line, on guarded connections.
+
+    Past ``connections.limit`` open connections, new ones are closed as soon as they are accepted.
+    ``in_flight`` is told of HTTP/2 connections, so that the drain can send
+    them GOAWAY.  With ``http2=False`` ALPN offers ``http/1.1`` only.
+    """
 
     requestFactory = LoggedRequest
-    protocol = GuardedHTTPChannel  # HTTP/1.1 only: no HTTP/2 negotiation wrapper
+    protocol = _guarded_channel
     displayTracebacks = False
 
     def __init__(
-        self, resource: Any, *, metrics: Metrics | None = None, log_format: str = "combined", **kw: Any
+        self,
+        resource: Any,
+        *,
+        metrics: Metrics | None = None,
+        log_format: str = "combined",
+        connections: ConnectionLimit | None = None,
+        in_flight: InFlight | None = None,
+        http2: bool = True,
+        **kw: Any,
     ):
         super().__init__(resource, **kw)
         self.metrics = metrics
         self.log_format = log_format
+        self.connections = connections or ConnectionLimit(None)
+        self.in_flight = in_flight
+        self.http2 = http2
+
+    def buildProtocol(self, addr: Any) -> Any:
+        if not self.connections.admit():
+            return None  # Twisted closes the accepted socket
+        return super().buildProtocol(addr)
+
+    def connection_opened(self) -> None:
+        self.connections.opened()
+
+    def connection_closed(self) -> None:
+        self.connections.closed()
+
+    def acceptableProtocols(self) -> list[bytes]:
+        """What TLS's ALPN offers: ``h2`` (when on and installed), then ``http/1.1``."""
+        offered = super().acceptableProtocols()
+        return offered if self.http2 else [p for p in offered if p != b"h2"]
 
     def log(self, request: object) -> None:
         """Twisted's own line would print the token; ``LoggedRequest`` logs instead."""

@@ -1,12 +1,22 @@
-"""The HTTP connection of the public port, guarded against hostile clients.
+"""The HTTP/1.1 connection of the public port, guarded against hostile clients.
 
 - A request line longer than ``MAX_REQUEST_LINE`` bytes gets 414, request
   headers larger than ``MAX_HEADER_BYTES`` get 431 (Twisted would answer a
   bare 400 for both).
-- A request's headers must arrive within ``header_timeout`` seconds of its
-  first byte (408 otherwise): a client trickling a header byte now and then
-  (slowloris) cannot hold a connection for ever.  Idle keep-alive
-  connections are closed by the Site's own idle timeout.
+- A request's line and headers must arrive within ``header_timeout`` seconds
+  of its first byte (408 otherwise): a client trickling bytes now and then
+  (slowloris), even before the request line is complete, cannot hold a
+  connection for ever.  Idle keep-alive connections are closed by the
+  Site's own idle timeout.
+- No request here takes a body: one that announces a body (a
+  ``Content-Length`` above 0, or ``Transfer-Encoding: chunked``) gets 413
+  as soon as its headers are in, before any of the body is read (Twisted
+  would otherwise read it all, spooling large ones to disk).
+- The Site counts its open connections (``opened``/``closed`` on the
+  factory, when it has them), so it can refuse new ones before the process
+  runs out of file descriptors.
+
+HTTP/2 has its own guarded connection (``couchtoken.web.h2``).
 """
 
 from __future__ import annotations
@@ -16,14 +26,14 @@ from typing import Any
 
 from twisted.web.http import HTTPChannel
 
-_REASONS = {408: b"Request Timeout", 414: b"URI Too Long", 431: b"Request Header Fields Too Large"}
+from couchtoken.web.limits import MAX_HEADER_BYTES, MAX_REQUEST_LINE, REASONS
 
 
 class GuardedHTTPChannel(HTTPChannel):
-    """``HTTPChannel`` with 414/431 limits and a deadline for request headers."""
+    """``HTTPChannel`` with 413/414/431 limits and a deadline for request headers."""
 
-    MAX_REQUEST_LINE = 8 * 1024
-    MAX_HEADER_BYTES = 16 * 1024
+    MAX_REQUEST_LINE = MAX_REQUEST_LINE
+    MAX_HEADER_BYTES = MAX_HEADER_BYTES
     MAX_LENGTH = MAX_HEADER_BYTES  # LineReceiver: the longest line it will buffer
     header_timeout = 10.0
 
@@ -31,12 +41,28 @@ class GuardedHTTPChannel(HTTPChannel):
     _header_bytes = 0
     _deadline: Any = None
     _refused = False
+    _counted = False
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        opened = getattr(self.factory, "connection_opened", None)
+        if opened is not None:
+            opened()
+            self._counted = True
+
+    def dataReceived(self, data: bytes) -> None:
+        # The clock starts at a request's first byte.  While a request is being
+        # answered, Twisted only buffers what follows, and plays it back here.
+        if data and self._deadline is None and not self._handlingRequest and not self._refused:
+            self._deadline = self.callLater(self.header_timeout, self._refuse, 408)
+        super().dataReceived(data)
 
     def lineReceived(self, line: bytes) -> None:
         if self._refused:
             return
         if self._lines == 0 and not line:
-            super().lineReceived(line)  # a stray CRLF between requests
+            self._reset()  # a stray CRLF between requests (Twisted accepts one)
+            super().lineReceived(line)
             return
         if self._deadline is None:
             self._deadline = self.callLater(self.header_timeout, self._refuse, 408)
@@ -50,6 +76,16 @@ class GuardedHTTPChannel(HTTPChannel):
         self._lines += 1
         super().lineReceived(line)
 
+    def allHeadersReceived(self) -> None:
+        if self._transferDecoder is not None and self.length != 0:  # Content-Length > 0, or chunked
+            self._refuse(413)
+            return
+        super().allHeadersReceived()
+
+    def rawDataReceived(self, data: bytes) -> None:
+        if not self._refused:
+            super().rawDataReceived(data)
+
     def lineLengthExceeded(self, line: bytes) -> None:
         self._refuse(414 if self._lines == 0 else 431)
 
@@ -59,6 +95,9 @@ class GuardedHTTPChannel(HTTPChannel):
 
     def connectionLost(self, reason: Any) -> None:
         self._reset()
+        if self._counted:
+            self._counted = False
+            self.factory.connection_closed()
         super().connectionLost(reason)
 
     def _reset(self) -> None:
@@ -74,7 +113,7 @@ class GuardedHTTPChannel(HTTPChannel):
         if self._refused:
             return
         self._refused = True
-        reason = _REASONS[status]
+        reason = REASONS[status].encode()
         body = json.dumps(
             {"error": reason.decode().lower().replace(" ", "_"), "reason": reason.decode()}
         ).encode()

@@ -9,15 +9,17 @@ import attrs
 from twisted.web.iweb import IRequest
 
 from couchtoken.access.documents import DocumentSummary
-from couchtoken.access.links import signature_matches
+from couchtoken.access.links import Signature, check_signature
 from couchtoken.access.names import AttachmentPath
 from couchtoken.web.answers import FORBIDDEN_REASON, HTTPAnswer, forbidden
 from couchtoken.web.query import query_args
 
+SHORT_TOKEN_REASON = "token too short for signed links"
+
 
 @attrs.frozen
 class Credential:
-    """``test`` says whether it opens a document; ``refusal`` says why not."""
+    """``test`` says whether it opens a document (or raises the answer); ``refusal`` says why not."""
 
     test: Callable[[DocumentSummary], bool]
     refusal: str
@@ -78,6 +80,10 @@ def read_credential(
         raise forbidden("expires too far ahead")
 
     def signed(summary: DocumentSummary) -> bool:
-        return signature_matches(summary.tokens, target.db, target.docid, target.attachment, expires, sig)
+        verdict = check_signature(summary.tokens, target.db, target.docid, target.attachment, expires, sig)
+        if verdict is Signature.SHORT_TOKEN:
+            # Signed with the document's token (so no guess), but one that can be guessed offline.
+            raise forbidden(SHORT_TOKEN_REASON)
+        return verdict is Signature.VALID
 
     return Credential(signed, "bad signature")

@@ -1,9 +1,11 @@
-"""Sending a checked attachment: 304, ranges, HEAD, the blob cache, or a relay from CouchDB."""
+"""Sending a checked attachment: 304, ranges, HEAD, the blob or disk cache, or a relay from CouchDB."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
 from twisted.web.iweb import UNKNOWN_LENGTH, IRequest, IResponse
 from werkzeug.http import parse_accept_header
 
@@ -11,12 +13,16 @@ from couchtoken.access.attachments import AttachmentInfo
 from couchtoken.access.names import AttachmentPath
 from couchtoken.upstream.blobs import BlobCache, BlobKey
 from couchtoken.upstream.client import CouchDBClient, UpstreamError
+from couchtoken.upstream.diskcache import DiskCache, DiskFill
 from couchtoken.web.answers import HTTPAnswer
 from couchtoken.web.conditional import UNSATISFIABLE, choose_range, none_match
+from couchtoken.web.filesend import FileReadError, send_file
 from couchtoken.web.metrics import Metrics
 from couchtoken.web.presentation import Presentation
 from couchtoken.web.query import query_args
 from couchtoken.web.relay import relay_body
+
+_log = Logger()
 
 
 class StaleRevision(Exception):
@@ -43,9 +49,11 @@ class Delivery:
         clock: Any,
         idle_timeout: float,
         upstream_timeout: float,
+        disk: DiskCache | None = None,
     ) -> None:
         self._couchdb = couchdb
         self._blobs = blobs
+        self._disk = disk if disk is not None else DiskCache(None, 0, 0)
         self._presentation = presentation
         self._metrics = metrics
         self._clock = clock
@@ -87,6 +95,26 @@ class Delivery:
                 self._success_headers(request, target, info, etag)
                 self._length_headers(request, info, window, gzip_ok=False)
                 return body if window is None else body[window[0] : window[1]]
+        if blob_key is not None and self._on_disk(info.length):
+            cached = self._disk.open(blob_key, info.length)
+            if cached is not None:
+                self._success_headers(request, target, info, etag)
+                self._length_headers(request, info, window, gzip_ok=False)
+                start, stop = window or (0, cached.length)
+                try:
+                    await send_file(
+                        request,
+                        cached.fd,
+                        cached.offset + start,
+                        stop - start,
+                        clock=self._clock,
+                        idle_timeout=self._idle_timeout,
+                        on_idle=self._metrics.idle_disconnects.inc,
+                    )
+                except FileReadError as broken:
+                    self._disk.broken(blob_key, broken.why)
+                    await self._finish_from_couchdb(request, target, rev, info, start + broken.sent, stop)
+                return None
         response, release = await self._couchdb.open_attachment(
             target, rev, byte_range=window, accept_gzip=gzip_ok
         )
@@ -94,6 +122,10 @@ class Delivery:
             return await self._relay(request, target, response, info, window, etag, blob_key)
         finally:
             release()  # the body is relayed whole, dropped, or cut off (the client left): the slot is free
+
+    def _on_disk(self, length: int | None) -> bool:
+        """Bodies too large for memory (or all of them, with the blob cache off) go to disk."""
+        return self._disk.wants(length) and not self._blobs.wants(length)
 
     def _success_headers(
         self, request: IRequest, target: AttachmentPath, info: AttachmentInfo, etag: str | None
@@ -166,31 +198,118 @@ class Delivery:
                 request.setHeader(b"content-encoding", encoding)
             if response.length is not UNKNOWN_LENGTH:
                 request.setHeader(b"content-length", b"%d" % response.length)
-        keep = (
+        keepable = (
             blob_key is not None
-            and window is None
             and encoding in (None, b"identity")
             and upstream_etag is not None
             and upstream_etag.decode("latin-1") == etag
-            and self._blobs.wants(info.length)
         )
-        tee: list[bytes] | None = [] if keep else None
-        await relay_body(
-            response,
-            request,
-            skip,
-            limit,
-            clock=self._clock,
-            idle_timeout=self._idle_timeout,
-            on_idle=self._metrics.idle_disconnects.inc,
-            tee=tee,
-            upstream_timeout=self._upstream_timeout,
-        )
+        tee: list[bytes] | None = None
+        fill: DiskFill | None = None
+        if keepable and window is None and self._blobs.wants(info.length):
+            tee = []
+        elif keepable and window in (None, (0, info.length)) and self._on_disk(info.length):
+            fill = self._disk.start_fill(
+                blob_key,  # type: ignore[arg-type]
+                info,
+                stored_compressed=stored_compressed(info, response),
+            )
+            if fill is not None:
+                # However the download ends, an unfinished fill leaves nothing behind.
+                request.notifyFinish().addBoth(lambda _: fill.abandon())
+        try:
+            await relay_body(
+                response,
+                request,
+                skip,
+                limit,
+                clock=self._clock,
+                idle_timeout=self._idle_timeout,
+                on_idle=self._metrics.idle_disconnects.inc,
+                tee=tee if fill is None else fill,
+                upstream_timeout=self._upstream_timeout,
+            )
+        except BaseException:
+            if fill is not None:
+                fill.abandon()
+            raise
+        if fill is not None:
+            fill.commit()
         if tee is not None and blob_key is not None:
             body = b"".join(tee)
             if len(body) == info.length:
                 self._blobs.put(blob_key, body)
         return None
+
+    async def _finish_from_couchdb(
+        self,
+        request: IRequest,
+        target: AttachmentPath,
+        rev: str | None,
+        info: AttachmentInfo,
+        start: int,
+        stop: int,
+    ) -> None:
+        """A disk file broke off after the headers: send bytes ``[start, stop)`` from CouchDB.
+
+        Anything but the same bytes (another digest, a status or range we did
+        not ask for, a compressed body) breaks the client connection off instead.
+        """
+        release = None
+        try:
+            response, release = await self._couchdb.open_attachment(
+                target, rev, byte_range=(start, stop), accept_gzip=False
+            )
+            etag = response.headers.getRawHeaders(b"etag", [b""])[0].decode("latin-1")
+            encoding = response.headers.getRawHeaders(b"content-encoding", [None])[0]
+            wanted_range = content_range((start, stop), info)
+            if response.code == 200:
+                skip, limit = start, stop - start
+            elif (
+                response.code == 206
+                and response.headers.getRawHeaders(b"content-range", [b""])[0] == wanted_range
+            ):
+                skip, limit = 0, None
+            else:
+                await self._couchdb.discard(response)
+                raise UpstreamError("status", f"CouchDB answered {response.code} for the rest of a file")
+            if etag != info.etag or encoding not in (None, b"identity"):
+                _refuse(response, "CouchDB sent other bytes for the rest of a file")
+            await relay_body(
+                response,
+                request,
+                skip,
+                limit,
+                clock=self._clock,
+                idle_timeout=self._idle_timeout,
+                on_idle=self._metrics.idle_disconnects.inc,
+                upstream_timeout=self._upstream_timeout,
+            )
+        except UpstreamError as exc:
+            _log.warn(
+                "Could not finish a download from CouchDB after a disk cache read error ({kind}): "
+                "{detail}; aborting the client response",
+                kind=exc.kind,
+                detail=exc.detail,
+            )
+            self._metrics.upstream_errors.labels(exc.kind).inc()
+            transport = getattr(request, "transport", None)
+            if transport is not None:
+                transport.abortConnection()
+            await Deferred()  # cancelled when the connection is gone
+        finally:
+            if release is not None:
+                release()  # the CouchDB request slot (--max-connections) is free again
+
+
+def stored_compressed(info: AttachmentInfo, response: IResponse) -> bool:
+    """Whether CouchDB keeps this attachment gzip-compressed (its digest is then of those bytes).
+
+    The stub says so only when the document was read with ``att_encoding_info``;
+    CouchDB also answers ``Accept-Ranges: none`` exactly for such attachments.
+    """
+    accept_ranges = response.headers.getRawHeaders(b"accept-ranges", [b""])[0]
+    return info.encoding not in (None, "identity") or accept_ranges.strip().lower() == b"none"
 
 
 def content_range(window: tuple[int, int], info: AttachmentInfo) -> bytes:

@@ -1,4 +1,9 @@
-"""The downloads being served: admission under ``--max-downloads``, and the drain on stop."""
+"""The downloads being served: admission under ``--max-downloads``, and the drain on stop.
+
+Over HTTP/2 each stream is a download of its own.  The HTTP/2 connections
+register in ``connections``; the drain sends each one GOAWAY, and they close
+themselves once their running streams are finished.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
+
+from couchtoken.web.abort import abort_response
 
 _log = Logger()
 
@@ -21,6 +28,7 @@ class InFlight:
         self.active: set[IRequest] = set()
         self._drained: Deferred[None] | None = None
         self._closing: list[Any] = []  # transports flushing their last bytes while draining
+        self.connections: set[Any] = set()  # open HTTP/2 connections (``GuardedH2Connection``)
 
     def __len__(self) -> int:
         return len(self.active)
@@ -68,18 +76,28 @@ class InFlight:
                 return result
 
             self._drained.addBoth(stop_watching)
+            for connection in list(self.connections):
+                connection.drain()
         return self._drained
 
     def _check_drained(self) -> None:
         self._closing = [t for t in self._closing if getattr(t, "connected", False)]
-        if not self.active and not self._closing and self._drained is not None and not self._drained.called:
+        if (
+            not self.active
+            and not self._closing
+            and not self.connections
+            and self._drained is not None
+            and not self._drained.called
+        ):
             _log.info("Drained: every download is sent")
             self._drained.callback(None)
 
     def _cut_remaining(self) -> None:
         _log.warn("Drain timeout: cutting {count} download(s)", count=len(self.active) + len(self._closing))
         for request in list(self.active):
-            request.transport.abortConnection()
+            abort_response(request)
         for transport in self._closing:
             transport.abortConnection()
         self._closing = []
+        for connection in list(self.connections):
+            connection.transport.abortConnection()

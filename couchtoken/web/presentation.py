@@ -4,9 +4,13 @@
   (``?download`` or ``download=1``) or the type is forced to download; both
   carry an ASCII ``filename`` fallback and the exact name as RFC 5987
   ``filename*`` (RFC 6266), taken from the attachment name's last segment.
-- Active content (HTML, XHTML, SVG, XML, and ``--sandbox-types``) is served
-  with ``Content-Security-Policy: sandbox``, as CouchDB 3.2+ does, so a
-  stored file cannot run script in the service's origin.
+  ``application/octet-stream`` (also what a missing or unusable stored type
+  becomes) is always a download.
+- Every type but the passive ones (raster images, audio, video, PDF, plain
+  text, CSV; see ``couchtoken.access.mediatypes``) is served with
+  ``Content-Security-Policy: sandbox``, and so are the passive types listed
+  in ``--sandbox-types``: a stored file cannot run script in the service's
+  origin, whatever it claims to be.
 """
 
 from __future__ import annotations
@@ -15,17 +19,11 @@ import re
 from collections.abc import Iterable
 from urllib.parse import quote
 
-ACTIVE_TYPES = frozenset(
-    {"text/html", "application/xhtml+xml", "image/svg+xml", "text/xml", "application/xml"}
-)
+from couchtoken.access.mediatypes import OCTET_STREAM, TypeSet, essence, is_passive
+
 _NOT_IN_FALLBACK = re.compile(r'[^\x20-\x7e]|["\\]')
 _ATTR_CHARS = "!#$&+-.^_`|~"  # RFC 5987 attr-char, besides letters and digits
 _FALSE = frozenset({b"0", b"false", b"no"})
-
-
-def media_type(content_type: bytes) -> str:
-    """``text/HTML; charset=utf-8`` -> ``text/html``."""
-    return content_type.split(b";", 1)[0].strip().decode("latin-1").lower()
 
 
 def wants_download(values: list[bytes] | None) -> bool:
@@ -43,16 +41,19 @@ def content_disposition(attachment: str, download: bool) -> bytes:
 
 
 class Presentation:
-    """The per-deployment rules: which types are sandboxed, which are always downloaded."""
+    """The per-deployment rules: which passive types are sandboxed anyway, which are always downloaded.
+
+    Option items are ``type/subtype`` or ``type/*``; anything else is a ValueError.
+    """
 
     def __init__(self, sandbox_types: Iterable[str] = (), force_download_types: Iterable[str] = ()) -> None:
-        self._sandboxed = ACTIVE_TYPES | {t.strip().lower() for t in sandbox_types if t.strip()}
-        self._forced = frozenset(t.strip().lower() for t in force_download_types if t.strip())
+        self._sandboxed = TypeSet(sandbox_types)
+        self._forced = TypeSet(force_download_types)
 
     def headers(self, attachment: str, content_type: bytes, download_values: list[bytes] | None) -> list:
-        kind = media_type(content_type)
-        download = wants_download(download_values) or kind in self._forced
+        kind = essence(content_type) or OCTET_STREAM
+        download = wants_download(download_values) or kind == OCTET_STREAM or kind in self._forced
         result = [(b"content-disposition", content_disposition(attachment, download))]
-        if kind in self._sandboxed:
+        if not is_passive(kind) or kind in self._sandboxed:
             result.append((b"content-security-policy", b"sandbox"))
         return result

@@ -9,8 +9,9 @@ servers that ignore ``Range`` (PouchDB Server).
 Endings:
 - upstream body complete: the returned Deferred fires and the response is
   finished normally;
-- upstream dies mid-body: the client connection is aborted, so the client
-  sees a broken response, never a short body that looks complete;
+- upstream dies mid-body: the client connection is aborted (over HTTP/2,
+  the request's stream is reset), so the client sees a broken response,
+  never a short body that looks complete;
 - client goes away (the Deferred is cancelled): the upstream connection is
   closed at once instead of being drained;
 - client stops reading: after ``idle_timeout`` seconds paused, the client
@@ -22,6 +23,7 @@ Endings:
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Callable
 from typing import Any
 
@@ -34,7 +36,15 @@ from twisted.web.client import ResponseDone
 from twisted.web.iweb import IRequest, IResponse
 from zope.interface import implementer
 
+from couchtoken.web.abort import abort_response
+
 _log = Logger()
+
+
+class Tee(typing.Protocol):
+    """Something that keeps a copy of what is sent: a list, or a disk cache fill."""
+
+    def append(self, data: bytes, /) -> None: ...
 
 
 @implementer(IPushProducer)
@@ -50,7 +60,7 @@ class BodyRelay(Protocol):
         clock: Any = None,
         idle_timeout: float | None = None,
         on_idle: Callable[[], None] = lambda: None,
-        tee: list[bytes] | None = None,
+        tee: Tee | None = None,
         upstream_timeout: float | None = None,
     ) -> None:
         self._request = request
@@ -157,9 +167,7 @@ class BodyRelay(Protocol):
         self._abort_client()
 
     def _abort_client(self) -> None:
-        transport = getattr(self._request, "transport", None)
-        if transport is not None:
-            transport.abortConnection()
+        abort_response(self._request)
 
     @staticmethod
     def _cancel(call: Any) -> None:
@@ -193,7 +201,7 @@ def relay_body(
     """Start relaying ``response``'s body; the Deferred fires when it is all sent.
 
     ``extra`` takes ``clock``, ``idle_timeout``, ``on_idle``, ``upstream_timeout``
-    and ``tee`` (a list that collects what is sent); see ``BodyRelay``.
+    and ``tee`` (a ``Tee`` that gets a copy of what is sent); see ``BodyRelay``.
     """
     relay = BodyRelay(request, skip, limit, **extra)
     response.deliverBody(relay)

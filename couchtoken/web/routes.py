@@ -21,9 +21,10 @@ from werkzeug.exceptions import NotFound
 
 from couchtoken.access.links import DEFAULT_MAX_LIFETIME
 from couchtoken.access.names import AttachmentPath, BadPath, parse_download_path
-from couchtoken.access.throttle import GuessThrottle
+from couchtoken.access.throttle import Attempt, GuessThrottle, Throttled
 from couchtoken.upstream.cache import DocumentCache
 from couchtoken.upstream.client import UpstreamError
+from couchtoken.web.abort import abort_response
 from couchtoken.web.answers import HTTPAnswer, forbidden, set_common_headers, write_answer
 from couchtoken.web.credentials import Credential, read_credential
 from couchtoken.web.delivery import Delivery, StaleRevision
@@ -108,7 +109,7 @@ class DownloadApp:
             self._log.failure("Unexpected error while serving a download")
             if request.startedWriting:
                 # Too late for an error status: break the response off.
-                request.transport.abortConnection()
+                abort_response(request)
                 return await Deferred()  # cancelled when the connection is gone
             return write_answer(request, HTTPAnswer(500, "internal_error", "internal error"))
         finally:
@@ -123,33 +124,45 @@ class DownloadApp:
         target = _parse_target(request)
         if self._databases and not any(fnmatchcase(target.db, pattern) for pattern in self._databases):
             raise forbidden()  # not served here: answered before any work, like a wrong token
-        client = self._throttle.client(request)
-        retry = self._throttle.retry_after(client)
-        if retry is not None:
+        try:
+            # Counted as a failure from here until the check passes.
+            attempt = self._throttle.start(self._throttle.client(request), target.document_key)
+        except Throttled as throttled:
             raise HTTPAnswer(
-                429, "too_many_requests", "too many failed token checks", retry_after=b"%d" % retry
-            )
+                429,
+                "too_many_requests",
+                "too many failed token checks",
+                retry_after=b"%d" % throttled.retry_after,
+            ) from None
         try:
             credential = read_credential(request, target, self._clock, self._max_link_lifetime)
             try:
-                return await self._check_and_send(request, target, credential)
+                return await self._check_and_send(request, target, credential, attempt)
             except StaleRevision:
                 # The revision we checked is gone (changed, compacted, database
                 # deleted) before its change reached us: check again, from CouchDB.
                 self._documents.evict(target.db, target.docid)
-                return await self._check_and_send(request, target, credential, last_try=True)
+                return await self._check_and_send(request, target, credential, attempt, last_try=True)
         except HTTPAnswer as answer:
             if answer.guess:
-                self._throttle.failed(client)
+                attempt.failed()
             raise
+        finally:
+            attempt.passed()  # no verdict (an error, a 400): not a failure
 
     async def _check_and_send(
-        self, request: IRequest, target: AttachmentPath, credential: Credential, last_try: bool = False
+        self,
+        request: IRequest,
+        target: AttachmentPath,
+        credential: Credential,
+        attempt: Attempt,
+        last_try: bool = False,
     ) -> bytes | None:
         summary, cached = await self._documents.lookup(target.db, target.docid)
         request.cache_status = "hit" if cached else "miss"
         if summary is None or not credential.test(summary):
             raise forbidden(credential.refusal, guess=True)
+        attempt.passed()
         self._documents.served(target.db)
         info = summary.attachments.get(target.attachment)
         if info is None:

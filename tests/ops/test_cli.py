@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -45,6 +48,16 @@ def test_cache_options():
     assert _parse(["--cache-bytes", "1048576"], {}).cache_bytes == 1048576
 
 
+def test_throttle_options():
+    defaults = _parse([], {})
+    assert (defaults.max_failures, defaults.max_client_failures, defaults.trusted_proxies) == (30, 300, ())
+    settings = _parse(
+        ["--max-failures", "5", "--max-client-failures", "0", "--trusted-proxies", "unix,10.0.0.0/8"], {}
+    )
+    assert (settings.max_failures, settings.max_client_failures) == (5, 0)
+    assert settings.trusted_proxies == ("unix", "10.0.0.0/8")
+
+
 def test_environment_then_options_win():
     env = {"COUCHDB_URL": "http://a:b@envhost:1234", "DOWNLOAD_TOKEN_KEY_NAME": "data.token"}
     settings = _parse([], env)
@@ -56,9 +69,38 @@ def test_environment_then_options_win():
     assert settings.token_field == ("secret",)
 
 
+def test_disk_cache_options(tmp_path):
+    settings = _parse([], {})
+    assert (settings.disk_cache_dir, settings.disk_cache_bytes, settings.disk_cache_max_item) == (
+        None,
+        10 * 2**30,
+        2**30,
+    )
+    argv = ["--disk-cache-dir", str(tmp_path), "--disk-cache-bytes", "5000000", "--disk-cache-max-item", "9"]
+    settings = _parse(argv, {})
+    assert (settings.disk_cache_dir, settings.disk_cache_bytes, settings.disk_cache_max_item) == (
+        str(tmp_path),
+        5_000_000,
+        9,
+    )
+    assert f"disk_cache_dir={tmp_path} " in settings.describe()
+
+
+def test_a_disk_cache_dir_that_holds_other_files_is_refused(tmp_path):
+    (tmp_path / "thesis.tex").write_text("precious")
+    with pytest.raises(usage.UsageError, match="is not a couchtoken disk cache"):
+        _parse(["--disk-cache-dir", str(tmp_path)], {})
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(usage.UsageError, match="is not a directory"):
+        _parse(["--disk-cache-dir", str(tmp_path / "file")], {})
+    assert (tmp_path / "thesis.tex").read_text() == "precious"
+
+
 @pytest.mark.parametrize(
     "argv",
     [
+        ["--disk-cache-bytes", "-1"],
+        ["--disk-cache-max-item", "lots"],
         ["--couchdb-url", "not a url"],
         ["--token-field", "a..b"],
         ["--connect-timeout", "0"],
@@ -72,8 +114,6 @@ def test_bad_options_are_usage_errors(argv):
 
 
 def _twist(*args: str) -> subprocess.CompletedProcess[str]:
-    import os
-
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run(
         [sys.executable, "-m", "twisted", *args],
@@ -95,6 +135,10 @@ def test_help_documents_every_option():
         "--connect-timeout",
         "--response-timeout",
         "--max-connections",
+        "--disk-cache-dir",
+        "--disk-cache-bytes",
+        "--disk-cache-max-item",
+        "--workers",
         "COUCHDB_URL",
         "DOWNLOAD_TOKEN_KEY_NAME",
     ):
@@ -125,6 +169,29 @@ def test_twist_couchtoken_serves_downloads(couch_server, admin, db, tmp_path):
     assert password not in log
 
 
+def _alpn(port: int) -> str | None:
+    """What the server picks when a client offers h2 and http/1.1."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.set_alpn_protocols(["h2", "http/1.1"])
+    with context.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10)) as sock:
+        return sock.selected_alpn_protocol()
+
+
+@pytest.mark.parametrize(("argv", "chosen"), [([], "h2"), (["--no-http2"], "http/1.1")])
+def test_a_tls_port_offers_h2_unless_turned_off(couch_server, tmp_path, argv, chosen):
+    service = TwistProcess(
+        tmp_path / "twist.log", argv, env={"COUCHDB_URL": couch_server.url}, tls_dir=tmp_path
+    )
+    service.start()
+    try:
+        assert _alpn(service.port) == chosen
+    finally:
+        service.stop()
+    assert ("http2=off" if argv else "http2=on") in service.log()
+
+
 @pytest.mark.parametrize(
     ("argv", "says"),
     [
@@ -140,6 +207,9 @@ def test_twist_couchtoken_serves_downloads(couch_server, admin, db, tmp_path):
         (["--max-downloads", "0"], "must be 1 or more"),
         (["--databases", ","], "--databases takes a comma-separated list with no empty items"),
         (["--sandbox-types", "text/x-a,,"], "--sandbox-types takes a comma-separated list"),
+        (["--sandbox-types", "text/x-a;q=1"], "--sandbox-types: 'text/x-a;q=1' is not a media type"),
+        (["--force-download-types", "text/html,html"], "--force-download-types: 'html' is not a media type"),
+        (["--force-download-types", "*/*"], "--force-download-types: '*/*' is not a media type"),
         (["--connect-timeout", "0"], "must be a positive number"),
     ],
 )
@@ -185,3 +255,40 @@ def test_stopping_logs_no_warning(couch_server, admin, db, tmp_path):
     assert "couchtoken starting" in log
     assert "CancelledError" not in log
     assert "#warn]" not in log and "#error]" not in log and "#critical]" not in log, log[-3000:]
+
+
+def test_the_readme_way_to_run_it_logs_readable_lines_off_a_terminal(couch_server, tmp_path):
+    """``twist`` writes JSON events when its output is no terminal, unless told --log-format=text."""
+    readme = (ROOT / "README.rst").read_text()
+    documented = next(line.split() for line in readme.splitlines() if line.strip().startswith("twist "))
+    assert documented[:3] == ["twist", "--log-format=text", "couchtoken"], documented
+    port = free_port()
+    argv = [sys.executable, "-m", "twisted", *documented[1:-1], f"tcp:{port}:interface=127.0.0.1"]
+    log = tmp_path / "out.log"
+    with open(log, "wb") as out:  # a file, as under a supervisor
+        process = subprocess.Popen(
+            argv,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT), "COUCHDB_URL": couch_server.url},
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while "couchtoken starting" not in log.read_text() and time.monotonic() < deadline:
+                time.sleep(0.1)
+        finally:
+            process.terminate()
+            process.wait(30)
+    lines = [line for line in log.read_text().splitlines() if line.strip()]
+    assert any("couchtoken starting" in line for line in lines)
+    assert not any(line.lstrip().startswith("{") for line in lines), lines[:5]
+
+
+def test_workers_auto_is_one_per_cpu_this_process_may_use():
+    options = Options(environ={})
+    options.parseOptions(["--workers", "auto"])
+    assert options["workers"] == len(os.sched_getaffinity(0))
+    options = Options(environ={})
+    options.parseOptions([])
+    assert options["workers"] == 1

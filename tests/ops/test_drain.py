@@ -11,6 +11,8 @@ import time
 
 import pytest
 
+from tests.h2client import H2Client
+from tests.tools import require_curl_with_http2
 from tests.twistproc import TwistProcess
 
 TOKEN = "drain-token"
@@ -90,6 +92,56 @@ def _drain_one_download(service: TwistProcess, db: str, digest: str, connection:
     assert service.process.wait(30) == 0
     assert time.monotonic() - done < 5, "the drain waited for the idle connection to time out"
     sock.close()
+
+
+def test_sigterm_over_http2_sends_goaway_and_lets_running_streams_finish(movie, couch_server, tmp_path):
+    """Every HTTP/2 connection gets GOAWAY: an idle one closes at once, a running stream is sent whole."""
+    curl = require_curl_with_http2()
+    db, digest = movie
+    env = {"COUCHDB_URL": couch_server.url}
+    service = TwistProcess(tmp_path / "twist.log", ["--drain-timeout", "20"], env=env, tls_dir=tmp_path)
+    service.start()
+    out = tmp_path / "movie.bin"
+    try:
+        idle = H2Client(service.port)
+        assert idle.until(lambda: idle.remote_settings, 5)
+        download = subprocess.Popen(
+            [
+                curl,
+                "-sk",
+                "--http2",
+                "--limit-rate",
+                "4M",
+                "-o",
+                str(out),
+                "-w",
+                "%{http_version} %{http_code}",
+            ]
+            + [f"{service.base_url}/{db}/doc/movie.bin?token={TOKEN}"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + 10
+        while not (out.exists() and out.stat().st_size > 1_000_000):
+            assert time.monotonic() < deadline and download.poll() is None, service.log()[-2000:]
+            time.sleep(0.05)
+        service.process.send_signal(signal.SIGTERM)
+        assert idle.until(lambda: idle.closed, 5), "the idle HTTP/2 connection is still open"
+        assert idle.goaway is not None and idle.goaway.error_code == 0
+        idle.close()  # as any client does once the server has closed
+        assert _refused(service.port) or time.sleep(1) or _refused(service.port)
+        outcome, errors = download.communicate(timeout=30)
+        finished = time.monotonic()
+        assert (download.returncode, outcome) == (0, b"2 200"), errors
+        assert hashlib.sha256(out.read_bytes()).hexdigest() == digest
+        assert service.process.wait(30) == 0
+        assert time.monotonic() - finished < 5, "the drain went on after the last stream was sent"
+    except (OSError, AssertionError) as exc:
+        pytest.fail(f"{exc!r}\n{service.log()[-4000:]}")
+    finally:
+        idle.close()
+        service.stop()
+    assert "Drained" in service.log()
 
 
 def test_downloads_still_running_at_the_drain_timeout_are_cut(movie, couch_server, tmp_path):

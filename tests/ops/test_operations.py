@@ -19,7 +19,7 @@ from couchtoken.dev.pouchdb import free_port
 from couchtoken.ops.tap import Options
 from tests.conftest import HEALTH_CHECKS
 from tests.faultproxy import Fault
-from tests.http import fetch
+from tests.http import fetch, raw_exchange
 from tests.waiting import wait_until
 
 TOKEN = "ops-token"
@@ -269,6 +269,38 @@ async def test_json_log_lines(start_service, db, doc, logged):
     assert fields["cache"] == "miss"
     assert fields["duration_ms"] >= 0
     assert "wrong" not in event["line"]
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("log_format", ["combined", "json"])
+async def test_control_characters_from_the_request_are_escaped_in_log_lines(
+    start_service, db, doc, logged, log_format
+):
+    service = await start_service(access_log_format=log_format)
+    port = int(service.base_url.rsplit(":", 1)[1])
+    raw = (
+        # Twisted itself refuses control characters in the request line (400), not in header values.
+        b"GET /" + db.encode() + b"/doc/a%1b\\x1b.txt?token=x HTTP/1.1\r\nHost: x\r\n"
+        b'User-Agent: evil\x1b[2J\x08\x08\x7f\xc3\xa9 \\ "q"\r\n'
+        b"Referer: https://a/\x1b]0;title\x07\r\nConnection: close\r\n\r\n"
+    )
+    answer = await threads.deferToThread(raw_exchange, port, raw)
+    assert answer.startswith(b"HTTP/1.1 "), answer[:100]
+    (event,) = access_lines(logged)
+    line = event["line"]
+    assert not re.search(r"[\x00-\x1f\x7f-\x9f]", line), repr(line)
+    if log_format == "json":
+        fields = json.loads(line)
+        shown = " ".join(str(fields[key]) for key in ("method", "uri", "referer", "user_agent"))
+        assert not re.search(r"[\x00-\x1f\x7f-\x9f]", shown), repr(shown)  # not even once decoded
+        assert fields["user_agent"] == 'evil\\x1b[2J\\x08\\x08\\x7f\\xc3\\xa9 \\\\ "q"'
+        assert fields["referer"] == "https://a/\\x1b]0;title\\x07"
+        assert "/doc/a%1b\\\\x1b.txt?token=REDACTED" in fields["uri"]
+    else:
+        shown = line
+        assert '"evil\\x1b[2J\\x08\\x08\\x7f\\xc3\\xa9 \\\\ \\"q\\""' in shown, shown
+        assert '"https://a/\\x1b]0;title\\x07"' in shown, shown
+        assert "/doc/a%1b\\\\x1b.txt?token=REDACTED " in shown, shown
 
 
 # -- The CouchDB URL from a file ------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -10,11 +11,12 @@ import subprocess
 import sys
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from couchtoken.dev.pouchdb import ROOT
+from couchtoken.dev.pouchdb import ROOT, free_port
 
 UNITS = ROOT / "contrib" / "systemd"
 TOKEN = "sd-token"
@@ -45,6 +47,7 @@ def test_the_service_unit_keeps_secrets_off_the_command_line_and_hardens():
     service = (UNITS / "couchtoken.service").read_text()
     exec_start = next(line for line in service.splitlines() if line.startswith("ExecStart="))
     assert "systemd:domain=INET:index=0" in exec_start
+    assert "--workers auto" in exec_start
     assert "couchdb-url" not in exec_start.replace("--couchdb-url-file", "")
     for setting in (
         "DynamicUser=yes",
@@ -57,22 +60,22 @@ def test_the_service_unit_keeps_secrets_off_the_command_line_and_hardens():
         "RestrictAddressFamilies=",
         "SystemCallFilter=@system-service",
         "MemoryMax=",
+        "KillMode=mixed",  # SIGTERM to the supervisor alone: it drains its workers
+        "RuntimeDirectory=couchtoken",
         "LoadCredential=couchdb-url:",
         "COUCHDB_URL_FILE=%d/couchdb-url",
+        "LimitNOFILE=65536",
+        "CacheDirectory=couchtoken",
     ):
         assert setting in service, setting
+    assert "--disk-cache-dir /var/cache/couchtoken" in exec_start
 
 
-def test_the_service_runs_on_an_inherited_listening_socket(couch_server, admin, db, tmp_path):
-    """systemd passes the socket as fd 3, with LISTEN_FDS, LISTEN_FDNAMES and LISTEN_PID (its pid)."""
-    admin.put(db, "doc", {"download_token": TOKEN})
-    admin.put_attachment(db, "doc", "hello.txt", b"socket activated", "text/plain")
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(16)
-    port = listener.getsockname()[1]
+def _start_socket_activated(listener: socket.socket, couch_url: str, tmp_path: Path, *args: str):
+    """``twist couchtoken --port systemd:...`` with ``listener`` as fd 3, LISTEN_FDS, LISTEN_FDNAMES and
+    LISTEN_PID (its own pid), and the CouchDB URL in a credential file: as systemd starts it."""
     url_file = tmp_path / "couchdb-url"
-    url_file.write_text(couch_server.url)
+    url_file.write_text(couch_url)
     twist = Path(sys.executable).with_name("twist")
     command = [str(twist)] if twist.exists() else [sys.executable, "-m", "twisted"]
     env = {
@@ -98,6 +101,7 @@ def test_the_service_runs_on_an_inherited_listening_socket(couch_server, admin, 
             "couchtoken",
             "--port",
             "systemd:domain=INET:index=0",
+            *args,
         ],
         env=env,
         cwd=ROOT,
@@ -108,6 +112,22 @@ def test_the_service_runs_on_an_inherited_listening_socket(couch_server, admin, 
     )
     log.close()
     listener.close()  # only the service holds it now
+    return process
+
+
+def _listener() -> tuple[socket.socket, int]:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    return listener, listener.getsockname()[1]
+
+
+def test_the_service_runs_on_an_inherited_listening_socket(couch_server, admin, db, tmp_path):
+    """systemd passes the socket as fd 3, with LISTEN_FDS, LISTEN_FDNAMES and LISTEN_PID (its pid)."""
+    admin.put(db, "doc", {"download_token": TOKEN})
+    admin.put_attachment(db, "doc", "hello.txt", b"socket activated", "text/plain")
+    listener, port = _listener()
+    process = _start_socket_activated(listener, couch_server.url, tmp_path)
     try:
         deadline = time.monotonic() + 30
         body = None
@@ -125,3 +145,42 @@ def test_the_service_runs_on_an_inherited_listening_socket(couch_server, admin, 
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(30) == 0, (tmp_path / "twist.log").read_text()[-3000:]
+
+
+def test_workers_share_an_inherited_listening_socket(couch_server, admin, db, tmp_path):
+    """``--workers 2`` on systemd's one socket: both workers accept on it; SIGTERM stops them all."""
+    admin.put(db, "doc", {"download_token": TOKEN})
+    admin.put_attachment(db, "doc", "hello.txt", b"socket activated", "text/plain")
+    listener, port = _listener()
+    metrics = free_port()
+    process = _start_socket_activated(
+        listener, couch_server.url, tmp_path, "--workers", "2", "--metrics-port", f"tcp:{metrics}"
+    )
+    url = f"http://127.0.0.1:{port}/{db}/doc/hello.txt?token={TOKEN}"
+
+    def fetch(_: object) -> bytes:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return response.read()
+
+    def requests_per_worker() -> list[float]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/_metrics", timeout=10) as response:
+            text = response.read().decode()
+        return [
+            float(v)
+            for v in re.findall(r'^couchtoken_worker_requests_total\{worker="\d"\} (\S+)', text, re.M)
+        ]
+
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            with ThreadPoolExecutor(8) as pool:
+                assert set(pool.map(fetch, range(16))) == {b"socket activated"}
+            served = requests_per_worker()
+            if len(served) == 2 and all(served):
+                break
+            assert time.monotonic() < deadline, f"one worker took every connection: {served}"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0, (tmp_path / "twist.log").read_text()[-3000:]
+    log = (tmp_path / "twist.log").read_text()
+    assert "All workers stopped" in log and "Traceback" not in log

@@ -343,3 +343,23 @@ def test_zero_bytes_turns_the_cache_off():
     fetches.answer()
     lookup(cache)
     assert fetches.count == 2
+
+
+def test_the_cache_counts_the_bytes_of_each_entry():
+    """Key strings, a fixed overhead and the summary's own size; a missing document costs a little."""
+    import sys
+
+    cache, clock, fetches, feeds = make()
+    found = lookup(cache, "doc")
+    fetches.answer(("db", "doc"))
+    keys = sys.getsizeof("db") + sys.getsizeof("doc")
+    assert cache.bytes_held == 600 + keys + found.result.size
+    missing = lookup(cache, "gone")
+    fetches.pending[("db", "gone")].pop(0).callback(None)
+    assert missing.result is None
+    assert (
+        cache.bytes_held
+        == 600 + keys + found.result.size + 600 + sys.getsizeof("db") + sys.getsizeof("gone") + 100
+    )
+    cache.drop_database("db")
+    assert cache.bytes_held == 0

@@ -92,6 +92,28 @@ async def test_document_without_a_usable_token_is_403(service, admin, db, fields
 
 
 @pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("cache_size", [10_000, 0], ids=["cached", "uncached"])
+async def test_a_document_nested_too_deeply_to_read_is_403_and_one_warning(
+    start_service, admin, db, logged, cache_size
+):
+    service = await start_service(cache_size=cache_size)
+    depth = 3000  # deeper than Python's recursion limit (1000); CouchDB and PouchDB store it
+    body = f'{{"download_token": "{TOKEN}", "deep": {"[" * depth}{"]" * depth}}}'.encode()
+    status, _, _ = admin.request(
+        "PUT", admin.doc_path(db, "deep"), body, headers={"Content-Type": "application/json"}
+    )
+    assert status == 201
+    for _ in range(3):
+        reply = await service.get(service.url(db, "deep", "file.txt", TOKEN))
+        assert (reply.status, reply.json()) == (403, FORBIDDEN)
+    warnings = [e for e in logged if e.get("log_level") is not None and e["log_level"].name != "info"]
+    assert [e["log_format"] for e in warnings] == [
+        "CouchDB document {db}/{docid} is nested too deeply to read; it opens nothing"
+    ], warnings
+    assert not any(e.get("log_failure") for e in logged)
+
+
+@pytest_twisted.ensureDeferred
 async def test_missing_document_or_database_is_the_same_403(service, db, doc):
     missing_doc = await service.get(service.url(db, "nope", "file.txt", TOKEN))
     missing_db = await service.get(service.url("no-such-db-xyz", doc, "file.txt", TOKEN))

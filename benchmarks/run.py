@@ -245,7 +245,7 @@ def measure(args: argparse.Namespace, server_url: str, work: Path) -> None:
             service = TwistProcess(
                 work / f"{name}.log",
                 [arg.format(work=work) for arg in extra]
-                + ["--max-downloads", "10000", "--max-failures", "0"],
+                + ["--max-downloads", "10000", "--max-failures", "0", "--public-metrics"],
                 env={"COUCHDB_URL": server_url},
             )
             service.start()

@@ -144,6 +144,11 @@ class RunningService:
     proxy: FaultProxy | None
     app: Couchtoken
     port: Any
+    ops_port: Any  # what --metrics-port serves: /_metrics and /_health with details
+
+    @property
+    def ops_url(self) -> str:
+        return f"http://127.0.0.1:{self.ops_port.getHost().port}"
 
     def url(self, db: str, docid: str, attachment: str, token: str | None = None, **query: str) -> str:
         return service_url(self.base_url, db, docid, attachment, token, **query)
@@ -189,8 +194,13 @@ class ServiceStarter:
         await app.startup.first_check  # the start-up check of CouchDB is done before a test injects faults
         endpoint = TCP4ServerEndpoint(global_reactor, 0, backlog=1024, interface="127.0.0.1")
         port = await endpoint.listen(app.site)
+        ops_port = await TCP4ServerEndpoint(global_reactor, 0, interface="127.0.0.1").listen(app.ops_site)
         service = RunningService(
-            base_url=f"http://127.0.0.1:{port.getHost().port}", proxy=proxy, app=app, port=port
+            base_url=f"http://127.0.0.1:{port.getHost().port}",
+            proxy=proxy,
+            app=app,
+            port=port,
+            ops_port=ops_port,
         )
         self.running.append(service)
         return service
@@ -199,6 +209,7 @@ class ServiceStarter:
         """Stop one service now, the way a process stops (a restart test starts another)."""
         self.running.remove(service)
         await service.port.stopListening()
+        await service.ops_port.stopListening()
         await service.app.service.stopService()
         if service.proxy is not None:
             await service.proxy.stop()

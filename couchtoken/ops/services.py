@@ -47,12 +47,12 @@ class Couchtoken:
 def build(settings: Settings, reactor: Any, *, metrics_on_public_port: bool | None = None) -> Couchtoken:
     """Wire the CouchDB client, the feeds, the cache, metrics and the web sites.
 
-    ``/_metrics`` is on the public port unless there is a ``--metrics-port``
-    (or ``metrics_on_public_port`` says otherwise: a worker's figures alone
+    ``/_metrics`` is on the public port only with ``--public-metrics`` (and
+    never where ``metrics_on_public_port`` is false: a worker's figures alone
     are not the service's).
     """
     if metrics_on_public_port is None:
-        metrics_on_public_port = settings.metrics_port is None
+        metrics_on_public_port = settings.public_metrics
     client = CouchDBClient(
         settings.couchdb,
         reactor,

@@ -36,6 +36,7 @@ class Settings:
     drain_timeout: float = 30.0
     access_log_format: str = "combined"
     metrics_port: str | None = None
+    public_metrics: bool = False
     blob_cache_bytes: int = 64 * 1024 * 1024
     blob_cache_max_item: int = 256 * 1024
     disk_cache_dir: str | None = None
@@ -61,7 +62,8 @@ class Settings:
             f"max_feeds={self.max_feeds} feed_heartbeat={self.feed_heartbeat}s "
             f"max_downloads={self.max_downloads} idle_timeout={self.idle_timeout}s "
             f"drain_timeout={self.drain_timeout}s log_format={self.access_log_format} "
-            f"metrics_port={self.metrics_port or 'public port'} "
+            f"metrics_port={self.metrics_port or '-'} "
+            f"public_metrics={'on' if self.public_metrics else 'off'} "
             f"blob_cache_bytes={self.blob_cache_bytes} blob_cache_max_item={self.blob_cache_max_item} "
             f"disk_cache_dir={self.disk_cache_dir or '-'} disk_cache_bytes={self.disk_cache_bytes} "
             f"disk_cache_max_item={self.disk_cache_max_item} "

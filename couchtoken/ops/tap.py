@@ -331,8 +331,7 @@ class Options(usage.Options):
             "metrics-port",
             None,
             None,
-            "Endpoint serving /_metrics and /_health apart (e.g. tcp:9100:interface=127.0.0.1); "
-            "when given, /_metrics leaves the public port.",
+            "Endpoint serving /_metrics and /_health with details (e.g. tcp:9100:interface=127.0.0.1).",
         ],
         [
             "workers",
@@ -345,6 +344,12 @@ class Options(usage.Options):
     ]
     optFlags = [
         ["no-http2", None, "Offer only HTTP/1.1 on TLS ports (by default ALPN offers h2 first)."],
+        [
+            "public-metrics",
+            None,
+            "Also serve /_metrics on the public port (off by default: it tells anyone the load and "
+            "the cache; prefer --metrics-port).",
+        ],
         ["worker", None, "Internal: set by --workers on the processes it starts."],
     ]
 
@@ -381,6 +386,11 @@ class Options(usage.Options):
             _endpoint("port", self["port"])
         if self["metrics-port"] is not None:
             _endpoint("metrics-port", self["metrics-port"])
+        if self["public-metrics"] and self["workers"] > 1:
+            raise usage.UsageError(
+                "--public-metrics needs --workers 1 (one worker's figures are not the "
+                "service's): use --metrics-port"
+            )
         if self["disk-cache-dir"]:
             problem = directory_problem(self["disk-cache-dir"])
             if problem:
@@ -404,6 +414,7 @@ class Options(usage.Options):
                 drain_timeout=self["drain-timeout"],
                 access_log_format=self["log-format"],
                 metrics_port=self["metrics-port"],
+                public_metrics=bool(self["public-metrics"]),
                 blob_cache_bytes=self["blob-cache-bytes"],
                 blob_cache_max_item=self["blob-cache-max-item"],
                 disk_cache_dir=self["disk-cache-dir"] or None,

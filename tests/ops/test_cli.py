@@ -106,6 +106,7 @@ def test_a_disk_cache_dir_that_holds_other_files_is_refused(tmp_path):
         ["--connect-timeout", "0"],
         ["--response-timeout", "-1"],
         ["--couchdb-url", "ftp://h"],
+        ["--public-metrics", "--workers", "2"],
     ],
 )
 def test_bad_options_are_usage_errors(argv):

@@ -124,7 +124,7 @@ async def test_metrics_count_what_happened(start_service, admin, db, doc):
     await fetch(service.url(db, doc, "small.txt", TOKEN))  # a hit
     admin.put(db, doc, {"download_token": "rotated"})
     assert await wait_until(lambda: service.app.documents.revocations == 1, 2)
-    reply = await fetch(f"{service.base_url}/_metrics")
+    reply = await fetch(f"{service.ops_url}/_metrics")
     assert reply.status == 200
     assert reply.header("content-type").startswith("text/plain")
     text = reply.body.decode()
@@ -142,23 +142,24 @@ async def test_metrics_count_what_happened(start_service, admin, db, doc):
     assert metric(text, "couchtoken_downloads_in_flight") == 0
     service.proxy.fault = Fault("garbage")
     await fetch(service.url(db, "other", "small.txt", TOKEN))
-    text = (await fetch(f"{service.base_url}/_metrics")).body.decode()
+    text = (await fetch(f"{service.ops_url}/_metrics")).body.decode()
     assert metric(text, "couchtoken_upstream_errors_total", '{kind="protocol"}') == 1
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_metrics_port_takes_metrics_off_the_public_port(start_service):
-    service = await start_service(metrics_port="tcp:0")
-    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(service.app.ops_site)
-    try:
-        private = f"http://127.0.0.1:{port.getHost().port}"
-        assert (await fetch(f"{private}/_metrics")).status == 200
-        assert (await fetch(f"{private}/_health")).status == 200
-        assert (await fetch(f"{private}/db/doc/f.txt?token=x")).status == 404
-        assert (await fetch(f"{service.base_url}/_metrics")).status in (400, 403, 404)
-        assert (await fetch(f"{service.base_url}/_health")).status == 200
-    finally:
-        await port.stopListening()
+async def test_metrics_are_off_the_public_port_unless_asked_for(start_service):
+    service = await start_service()  # the fixture serves the --metrics-port site on service.ops_url
+    assert (await fetch(f"{service.ops_url}/_metrics")).status == 200
+    assert (await fetch(f"{service.ops_url}/_health")).status == 200
+    assert (await fetch(f"{service.ops_url}/db/doc/f.txt?token=x")).status == 404
+    hidden = await fetch(f"{service.base_url}/_metrics")
+    assert hidden.status == 400  # as any path that names no attachment
+    assert b"couchtoken_" not in hidden.body
+    assert (await fetch(f"{service.base_url}/_health")).status == 200
+    opted_in = await start_service(public_metrics=True)
+    shown = await fetch(f"{opted_in.base_url}/_metrics")
+    assert shown.status == 200
+    assert b"couchtoken_requests_total" in shown.body
 
 
 # -- Overload and idle clients ----------------------------------------------------------
@@ -208,7 +209,7 @@ async def test_a_client_that_stops_reading_is_cut_and_its_upstream_released(star
         assert await upstream.closes_within(5), "the upstream connection is still open"
         assert 0.9 < time.monotonic() - started < 4
         assert await wait_until(lambda: len(service.app.app.in_flight.active) == 0, 2)
-        text = (await fetch(f"{service.base_url}/_metrics")).body.decode()
+        text = (await fetch(f"{service.ops_url}/_metrics")).body.decode()
         assert metric(text, "couchtoken_idle_disconnects_total") == 1
     finally:
         stuck.close()

@@ -55,7 +55,7 @@ async def test_documents_with_thousands_of_attachments_stay_within_cache_bytes(s
     reply = await fetch(service.url(db, last, f"{'n' * 100}-00999.png", TOKEN))
     assert (reply.status, reply.body) == (200, b"x")
     assert len(doc_requests(service, db, last)) == before, "the latest document is still cached"
-    metrics = (await fetch(f"{service.base_url}/_metrics")).body.decode()
+    metrics = (await fetch(f"{service.ops_url}/_metrics")).body.decode()
     held = next(line for line in metrics.splitlines() if line.startswith("couchtoken_cache_bytes "))
     assert 0 < float(held.split()[1]) <= bound
 

@@ -55,7 +55,7 @@ async def test_a_request_that_waits_too_long_for_a_connection_gets_504(start_ser
     started = time.monotonic()
     queued = ensureDeferred(fetch(service.url(db, doc, "f.bin", TOKEN)))
     assert await wait_until(lambda: service.app.client.slots.waiting == 1, 0.5)
-    metrics = (await fetch(f"{service.base_url}/_metrics")).body.decode()
+    metrics = (await fetch(f"{service.ops_url}/_metrics")).body.decode()
     assert "couchtoken_upstream_requests 1.0" in metrics and "couchtoken_upstream_queued 1.0" in metrics
     waiting = await queued
     assert waiting.status == 504

@@ -133,7 +133,7 @@ async def test_hot_large_files_come_from_disk_byte_for_byte(start_service, admin
     assert (await fetch(url, headers={"Range": f"bytes={length}-"})).status == 416
     assert len(attachment_requests(service, db)) == before  # nothing but the feed reached CouchDB
     assert disk.hits == 6
-    text = (await fetch(f"{service.base_url}/_metrics")).body.decode()
+    text = (await fetch(f"{service.ops_url}/_metrics")).body.decode()
     for name, value in (
         ("couchtoken_disk_cache_hits_total", 6),
         ("couchtoken_disk_cache_fills_total", 1),
@@ -553,7 +553,7 @@ async def test_a_client_that_stops_reading_a_cached_file_is_cut(start_service, a
         started = time.monotonic()
         assert await wait_until(lambda: len(service.app.app.in_flight.active) == 0, 6)
         assert 0.9 < time.monotonic() - started
-        text = (await fetch(f"{service.base_url}/_metrics")).body.decode()
+        text = (await fetch(f"{service.ops_url}/_metrics")).body.decode()
         assert metric(text, "couchtoken_idle_disconnects_total") == 1
     finally:
         stuck.close()
@@ -564,7 +564,7 @@ def test_twenty_slow_clients_of_a_cached_file_keep_memory_flat(couch_server, adm
     seed(admin, db, data=os.urandom(16 * MIB))
     service = TwistProcess(
         tmp_path / "twist.log",
-        ["--disk-cache-dir", str(tmp_path / "cache")],
+        ["--disk-cache-dir", str(tmp_path / "cache"), "--public-metrics"],
         env={"COUCHDB_URL": couch_server.url},
     )
     service.start()

@@ -236,7 +236,7 @@ def revocation_latencies(
 def start_service(work: Path, label: str, admin_url: str, extra: list[str]) -> TwistProcess:
     service = TwistProcess(
         work / f"{label}.log",
-        ["--max-failures", "0", "--blob-cache-bytes", "0", *extra],
+        ["--max-failures", "0", "--blob-cache-bytes", "0", "--public-metrics", *extra],
         env={"COUCHDB_URL": admin_url},
     )
     service.start()

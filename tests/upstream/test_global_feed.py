@@ -17,6 +17,7 @@ from twisted.internet.task import deferLater
 
 from tests.http import fetch
 from tests.upstream.test_cache import HEARTBEAT, TOKEN, doc_requests, until_status
+from tests.upstream.test_disk_cache import DATA, disk_service, listing, seed
 from tests.waiting import wait_until
 
 
@@ -180,3 +181,23 @@ async def test_health_says_which_feeds_run(service, db, doc):
     finally:
         await port.stopListening()
     assert body["feeds"] == {"mode": "global", "connected": 1, "total": 1, "covered": 1}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_database_deleted_under_the_global_feed_drops_its_disk_files(
+    global_changes, start_service, admin, db, tmp_path
+):
+    data = seed(admin, db, token=TOKEN)
+    cache = tmp_path / "cache"
+    service = await disk_service(start_service, cache, max_feeds=0)
+    assert await wait_until(lambda: service.app.feeds.mode == "global", 5), "the global feed never went live"
+    await settled()
+    url = service.url(db, "doc", "movie.bin", TOKEN)
+    assert (await fetch(url)).body == data
+    assert await wait_until(lambda: len(listing(cache, DATA)) == 1, 10), "the file was never filled"
+    admin.delete_db(db)
+    try:
+        assert await until_status(url, 403, 2.0) is not None, "a deleted database's file is still served"
+        assert await wait_until(lambda: listing(cache, DATA) == [], 5), "the deleted database's file stays"
+    finally:
+        admin.create_db(db)  # the fixture deletes it

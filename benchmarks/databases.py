@@ -10,11 +10,12 @@ a 512-byte attachment each, are created once and kept for the next run
 (``--drop`` deletes them at the end).
 
 Measures, with the blob cache off (every download reads its attachment from
-CouchDB):
+CouchDB) unless said otherwise:
 
 - requests/s of 50 clients fetching random databases (wrk, a Lua script),
   on ``couchtoken`` (defaults) after warm-up and on ``--cache-size 0``,
-  alternating the two;
+  alternating the two, and on a third service with the blob cache on (the
+  default: the small attachments then come from memory too);
 - requests reaching CouchDB per download (CouchDB's own
   ``httpd/requests`` counter);
 - connections from each service to CouchDB, counted with ``ss`` every
@@ -264,7 +265,7 @@ def main() -> None:
         admin = CouchAdmin(admin_url)
         if admin.request("GET", "/_global_changes")[0] == 404:
             admin.create_db("_global_changes")
-        print(f"server: {describe(args.couchdb)}; {args.databases} databases (q=1), blob cache off")
+        print(f"server: {describe(args.couchdb)}; {args.databases} databases (q=1), blob cache off unless said")
         took = create_databases(admin, args.databases)
         if took:
             print(
@@ -282,20 +283,29 @@ def run(args: argparse.Namespace, admin: CouchAdmin, admin_url: str, work: Path)
     count = args.databases
     random_script = lua_script(work / "random.lua", count, sequential=False)
     in_order = lua_script(work / "in-order.lua", count, sequential=True)
-    cached = start_service(work, "cached", admin_url, ["--cache-size", str(count + count // 5)])
+    size = ["--cache-size", str(count + count // 5)]
+    cached = start_service(work, "cached", admin_url, size)
     uncached = start_service(work, "uncached", admin_url, ["--cache-size", "0"])
     feedless = start_service(work, "feedless", admin_url, ["--max-feeds", "0"])
-    services = {"couchtoken": cached, "--cache-size 0": uncached}
+    # The defaults as users run them: small bodies are kept in memory too (64 MiB).
+    blobs = start_service(work, "blobs", admin_url, [*size, "--blob-cache-bytes", str(64 * 2**20)])
+    services = {"couchtoken": cached, "--cache-size 0": uncached, "blob cache on": blobs}
     try:
         rss_before = rss_bytes(cached.process.pid)
-        warm_started = time.monotonic()
-        start = 0
-        for _ in range(40):  # in order, round and round: every database three times at least
-            start += int(wrk(cached.base_url, in_order, 10, connections=50, start=start)["requests"])
-            if start >= 3 * count and metric(cached.base_url, "couchtoken_cache_entries") >= 0.99 * count:
-                break
-        entries = metric(cached.base_url, "couchtoken_cache_entries")
-        print(f"warm-up: {time.monotonic() - warm_started:.0f} s, {entries:.0f} documents cached")
+        for label, service in (("couchtoken", cached), ("blob cache on", blobs)):
+            warm_started = time.monotonic()
+            start = 0
+            for _ in range(40):  # in order, round and round: every database three times at least
+                start += int(wrk(service.base_url, in_order, 10, connections=50, start=start)["requests"])
+                if (
+                    start >= 3 * count
+                    and metric(service.base_url, "couchtoken_cache_entries") >= 0.99 * count
+                ):
+                    break
+            entries = metric(service.base_url, "couchtoken_cache_entries")
+            print(
+                f"warm-up of {label}: {time.monotonic() - warm_started:.0f} s, {entries:.0f} documents cached"
+            )
         wrk(uncached.base_url, random_script, 5)
         results: dict[str, list[dict[str, float]]] = {label: [] for label in services}
         port = int(admin_url.rsplit(":", 1)[1].split("/")[0])
@@ -335,6 +345,7 @@ def run(args: argparse.Namespace, admin: CouchAdmin, admin_url: str, work: Path)
             couch = sorted(o.get("couchdb_ms", 0.0) for o in outcomes)[len(outcomes) // 2]
             print(f"{label:16}{rps:9.0f}{per:22.3f}{p99:9.1f}{non2xx:9d}{most:12d}{cpu:26.2f}{couch:9.2f}")
         print(f"couchtoken / --cache-size 0: {medians['couchtoken'] / medians['--cache-size 0']:.2f}x")
+        print(f"blob cache on / --cache-size 0: {medians['blob cache on'] / medians['--cache-size 0']:.2f}x")
         rss_after = rss_bytes(cached.process.pid)
         print(
             f"memory of the couchtoken service: {rss_before / 2**20:.0f} MiB at start, "
@@ -362,7 +373,7 @@ def run(args: argparse.Namespace, admin: CouchAdmin, admin_url: str, work: Path)
             f"p50 {percentile(own_ms, 0.5):.0f}  p99 {percentile(own_ms, 0.99):.0f}  max {max(own_ms):.0f}"
         )
     finally:
-        for service in (cached, uncached, feedless):
+        for service in (cached, uncached, feedless, blobs):
             service.stop()
 
 

@@ -265,7 +265,7 @@ def main() -> None:
         admin = CouchAdmin(admin_url)
         if admin.request("GET", "/_global_changes")[0] == 404:
             admin.create_db("_global_changes")
-        print(f"server: {describe(args.couchdb)}; {args.databases} databases (q=1), blob cache off unless said")
+        print(f"server: {describe(args.couchdb)}; {args.databases} databases; blob cache off but where said")
         took = create_databases(admin, args.databases)
         if took:
             print(

@@ -198,7 +198,7 @@ def main() -> None:
     parser.add_argument("--cold-files", type=int, default=16, help="8 MiB files per cold round (0 skips)")
     parser.add_argument("--slow-clients", type=int, default=20, help="clients in the memory case")
     parser.add_argument(
-        "--cases", default="", help="comma-separated case prefixes to run, e.g. 1,tls (default: all)"
+        "--cases", default="", help="comma-separated case prefixes to run, e.g. 1,tls,cold (default: all)"
     )
     parser.add_argument(
         "--workers", default="", help="e.g. 1,2: only warm 1 KiB per --workers count, and a worker killed"
@@ -415,7 +415,7 @@ def measure(args: argparse.Namespace, server_url: str, work: Path) -> None:
         elif tls_wanted:
             print("\n(h2load is missing: apt-get install nghttp2-client for the HTTP/2 case)")
 
-        if args.cold_files and not wanted:
+        if args.cold_files and (not wanted or "cold" in wanted):
             cold_results: dict[str, list[float]] = {}
             cold_targets = ("direct", "couchtoken", "disk")
             for round_number in range(args.rounds):

@@ -202,7 +202,7 @@ def test_two_workers_both_serve_and_the_metrics_port_sums_them(supervised, files
         (1, pids[1], "ok"),
     ]
     assert get(f"{service.base_url}/_health") == (200, b'{"status":"ok"}')
-    assert get(f"{service.ops_url}/_metrics")[0] in (400, 403, 404), (
+    assert get(f"{service.base_url}/_metrics")[0] in (400, 403, 404), (
         "one worker's figures are not the service's"
     )
 
@@ -378,12 +378,14 @@ def test_the_guess_budget_is_divided_among_the_workers(supervised, files):
 
 def test_workers_1_is_todays_single_process(couch_server, files, tmp_path):
     db, _ = files
-    service = TwistProcess(tmp_path / "twist.log", ["--workers", "1"], env={"COUCHDB_URL": couch_server.url})
+    service = TwistProcess(
+        tmp_path / "twist.log", ["--workers", "1", "--public-metrics"], env={"COUCHDB_URL": couch_server.url}
+    )
     service.start()
     try:
         assert get(f"{service.base_url}/{db}/doc/small.txt?token={TOKEN}") == (200, SMALL)
         assert children(service.process.pid) == []
-        assert get(f"{service.ops_url}/_metrics")[0] == 200
+        assert get(f"{service.base_url}/_metrics")[0] == 200
     finally:
         service.stop()
 

@@ -16,6 +16,7 @@ The server under the tests (``couch_server.kind``) is one of three:
 from __future__ import annotations
 
 import os
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -45,6 +46,14 @@ COUCHDB_ENV = "COUCHTOKEN_TEST_COUCHDB_URL"
 COUCHDB_START_ENV = START_ENV  # "COUCHTOKEN_TEST_COUCHDB_START"
 
 ServerKind = Literal["pouchdb", "couchdb", "url"]
+_DATABASE_INFO = re.compile(r"GET /(?!_)[^/?]+\Z")
+
+
+def is_feed_traffic(target: str) -> bool:
+    """Whether ``METHOD target`` keeps the feeds going (no download makes it)."""
+    return (
+        "/_changes?" in target or target.startswith("GET /_db_updates?") or bool(_DATABASE_INFO.match(target))
+    )
 
 
 @attrs.define
@@ -147,15 +156,15 @@ class RunningService:
     def couchdb_targets(self, health_checks: bool = False, feeds: bool = False) -> list[str]:
         """What reached CouchDB so far, as ``METHOD target`` lines.
 
-        Health checks and feed traffic (``_changes`` feeds and their database checks,
-        which no download makes) only if asked.
+        Health checks and feed traffic (``_changes`` and ``_db_updates`` feeds, database
+        checks, baselines and catch-up reads, which no download makes) only if asked.
         """
         assert self.proxy is not None
         targets = self.proxy.targets()
         if not health_checks:
             targets = [t for t in targets if t not in HEALTH_CHECKS]
         if not feeds:
-            targets = [t for t in targets if "/_changes?" not in t]
+            targets = [t for t in targets if not is_feed_traffic(t)]
         return targets
 
     async def get(self, *args: Any, **kwargs: Any) -> Any:

@@ -16,7 +16,7 @@ from twisted.web.iweb import IRequest
 
 from couchtoken.upstream.cache import DocumentCache
 from couchtoken.upstream.client import CouchDBClient
-from couchtoken.upstream.feeds import FeedManager
+from couchtoken.upstream.coverage import Coverage
 from couchtoken.web.metrics import Metrics
 
 HEALTH_PATH = b"/_health"
@@ -29,7 +29,7 @@ class HealthCheck:
     def __init__(
         self,
         client: CouchDBClient,
-        feeds: FeedManager,
+        feeds: Coverage,
         documents: DocumentCache,
         clock: Any,
         *,
@@ -75,7 +75,7 @@ class HealthCheck:
         if details:
             body["couchdb"] = body["status"]
             body["nodes"] = self._client.nodes.states()
-            body["feeds"] = {"connected": self._feeds.connected(), "total": len(self._feeds.feeds())}
+            body["feeds"] = self._feeds.details()
             body["cache"] = {"entries": len(self._documents), "bytes": self._documents.bytes_held}
         return (200 if ok else 503), body
 

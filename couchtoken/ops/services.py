@@ -15,8 +15,8 @@ from couchtoken.ops.settings import Settings
 from couchtoken.upstream.blobs import BlobCache
 from couchtoken.upstream.cache import DocumentCache
 from couchtoken.upstream.client import CouchDBClient
+from couchtoken.upstream.coverage import Coverage
 from couchtoken.upstream.diskcache import DiskCache, DiskCacheService, disk_threads
-from couchtoken.upstream.feeds import FeedManager
 from couchtoken.web.accesslog import DownloadSite
 from couchtoken.web.connections import ConnectionLimit, client_connection_limit, descriptor_limit
 from couchtoken.web.delivery import Delivery
@@ -32,7 +32,7 @@ class Couchtoken:
 
     settings: Settings
     client: CouchDBClient
-    feeds: FeedManager
+    feeds: Coverage
     documents: DocumentCache
     app: DownloadApp
     metrics: Metrics
@@ -60,7 +60,15 @@ def build(settings: Settings, reactor: Any, *, metrics_on_public_port: bool | No
         response_timeout=settings.response_timeout,
         max_connections=settings.max_connections,
     )
-    feeds = FeedManager(client, reactor, max_feeds=settings.max_feeds, heartbeat=settings.feed_heartbeat)
+    caching = settings.cache_size > 0 and settings.cache_bytes > 0
+    feeds = Coverage(
+        client,
+        reactor,
+        max_feeds=settings.max_feeds,
+        heartbeat=settings.feed_heartbeat,
+        max_databases=settings.cache_size,
+        use_global=caching,
+    )
     documents = DocumentCache(
         client.fetch_document,
         settings.token_field,
@@ -92,11 +100,12 @@ def build(settings: Settings, reactor: Any, *, metrics_on_public_port: bool | No
     feeds.on_gone = disk.drop_database
     feeds.on_change = documents.evict
 
-    def gap(db: str) -> None:  # the database may be gone: nothing of it may be served from memory
-        documents.drop_database(db)
-        blobs.drop_database(db)
+    def drop(dbs: set[str]) -> None:  # the databases may be gone: nothing of them may be served from memory
+        documents.drop_databases(dbs)
+        blobs.drop_databases(dbs)
 
-    feeds.on_gap = gap
+    feeds.on_gap = lambda db: drop({db})
+    feeds.on_drop = drop
     metrics = Metrics()
     metrics.watch(
         lambda: {

@@ -200,7 +200,8 @@ class Options(usage.Options):
             "max-feeds",
             None,
             100,
-            "Databases followed by a _changes feed at once; past it those least recently served stop.",
+            "Databases with a _changes feed of their own: the hottest where CouchDB offers "
+            "/_db_updates (which covers the rest), else the most recently served.",
             _count,
         ],
         [

@@ -53,7 +53,11 @@ class BlobCache:
 
     def drop_database(self, db: str) -> None:
         """Forget every body of ``db`` (its feed had a gap: the database may be gone)."""
-        if self._bodies is None:
+        self.drop_databases({db})
+
+    def drop_databases(self, dbs: set[str]) -> None:
+        """Forget every body of these databases (one pass over the cache)."""
+        if self._bodies is None or not dbs:
             return
-        for key in [k for k in self._bodies.keys() if k[0] == db]:
+        for key in [k for k in self._bodies.keys() if k[0] in dbs]:
             self._bodies.pop(key, None)

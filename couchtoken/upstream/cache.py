@@ -189,10 +189,16 @@ class DocumentCache:
 
     def drop_database(self, db: str) -> None:
         """The database's feed had a gap (or stopped): forget all its documents."""
+        self.drop_databases({db})
+
+    def drop_databases(self, dbs: set[str]) -> None:
+        """Forget every document of these databases (one pass over the cache, however many)."""
+        if not dbs:
+            return
         for flight_key, flight in self._flights.items():
-            if flight_key[0] == db:
+            if flight_key[0] in dbs:
                 flight.stale = True
         if self._entries is not None:
-            for key in [k for k in self._entries.keys() if k[0] == db]:
+            for key in [k for k in self._entries.keys() if k[0] in dbs]:
                 if self._entries.pop(key, None) is not None:
                     self.evictions += 1

@@ -359,6 +359,63 @@ class CouchDBClient:
             accept=b"application/json",
         )
 
+    async def open_db_updates(self, heartbeat: float, timeout: float) -> IResponse:
+        """Start ``GET /_db_updates?feed=continuous&heartbeat=..&since=now``; the body streams on."""
+        query = f"feed=continuous&heartbeat={max(1, round(heartbeat * 1000))}&since=now"
+        return await self._request(
+            "/_db_updates",
+            query,
+            what="a _db_updates feed request",
+            timeout=timeout,
+            agent=self._feed_agent,
+            accept=b"application/json",
+        )
+
+    async def database_update_seq(self, db: str) -> Any:
+        """The database's ``update_seq`` (``GET /<db>``), or None when the database is missing."""
+        release = await self._take_slot()
+        try:
+            response = await self._request(
+                f"/{encode_segment(db)}", what="a database request", accept=b"application/json"
+            )
+            if response.code == 404:
+                await self.discard(response)
+                return None
+            if response.code != 200:
+                await self.discard(response)
+                raise _status_error(response.code)
+            return (await self._read_object(response, "database info")).get("update_seq")
+        finally:
+            release()
+
+    async def changes_since(self, db: str, since: Any, limit: int) -> tuple[list[str], Any, bool] | None:
+        """``GET /<db>/_changes?since=<since>&limit=<n>``: (changed ids, last_seq, more pending).
+
+        None when the database is missing.
+        """
+        query = f"since={encode_segment(str(since))}&limit={limit}"
+        release = await self._take_slot()
+        try:
+            response = await self._request(
+                f"/{encode_segment(db)}/_changes", query, what="a changes request", accept=b"application/json"
+            )
+            if response.code == 404:
+                await self.discard(response)
+                return None
+            if response.code != 200:
+                await self.discard(response)
+                raise _status_error(response.code)
+            found = await self._read_object(response, "changes answer")
+        finally:
+            release()
+        results = found.get("results")
+        if not isinstance(results, list) or "last_seq" not in found:
+            raise UpstreamError("garbage", "CouchDB sent a changes answer without results")
+        docids = [row["id"] for row in results if isinstance(row, dict) and isinstance(row.get("id"), str)]
+        pending = found.get("pending")
+        more = isinstance(pending, int) and pending > 0 or (len(results) >= limit and "pending" not in found)
+        return docids, found["last_seq"], more
+
     async def ping(self, timeout: float) -> bool:
         """Whether some node answers within ``timeout`` seconds."""
         return await self.probe(timeout) is None

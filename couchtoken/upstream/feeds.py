@@ -30,17 +30,19 @@ has found the feed following.
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from twisted.application.internet import backoffPolicy
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
+from twisted.web.iweb import IResponse
 
 from couchtoken.upstream.client import CouchDBClient, UpstreamError
 from couchtoken.upstream.following import Change, FollowCheck
@@ -94,9 +96,11 @@ class ChangesFeed(Service):
         on_gap: OnGap,
         on_gone: OnGap,
         policy: Callable[[int], float] | None = None,
+        epochs: Iterator[int] | None = None,
     ) -> None:
         self.name = db
         self.db = db
+        self._epochs = epochs or itertools.count(1)  # shared by a manager's feeds: epochs never repeat
         self._client = client
         self._clock = clock
         self._heartbeat = heartbeat
@@ -114,6 +118,8 @@ class ChangesFeed(Service):
         self._transport: Any = None
         self._retry: Any = None
         self._watchdog: Any = None
+        self._closing: list[Deferred[None]] = []
+        self.on_live: Callable[[], None] = lambda: None  # each time the feed goes live
         self.checks: bool | None = None  # whether the database is checked (learnt before the first connect)
         self._following = FollowCheck()
         self._confirmed_at: float | None = None
@@ -143,15 +149,31 @@ class ChangesFeed(Service):
             self._transport.stopProducing()
         self._gap()
 
+    def connection_closed(self) -> Deferred[None]:
+        """Fires once the feed's connection (if it has one now) is closed."""
+        if self._transport is None:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._closing.append(waiter)
+        return waiter
+
     def _connect(self) -> None:
         self._retry = None
         self._connecting = Deferred.fromCoroutine(self._follow())
 
+    async def _open(self) -> IResponse:
+        """Start the feed's request (learning first whether this server needs database checks)."""
+        if self.checks is None:
+            self.checks = not await self._client.feeds_end_with_database()
+        return await self._client.open_changes(self.db, self._heartbeat, self.watchdog_timeout)
+
+    def _refused(self, code: int) -> bool:
+        """Whether an answer with status ``code`` means the feed cannot be had (a 404: no such database)."""
+        return code == 404
+
     async def _follow(self) -> None:
         try:
-            if self.checks is None:
-                self.checks = not await self._client.feeds_end_with_database()
-            response = await self._client.open_changes(self.db, self._heartbeat, self.watchdog_timeout)
+            response = await self._open()
         except CancelledError:
             return
         except UpstreamError as exc:
@@ -167,9 +189,9 @@ class ChangesFeed(Service):
             self._schedule_retry()
             return
         self._connecting = None
-        if response.code == 404:
+        if self._refused(response.code):
             await self._client.discard(response)
-            _log.info("Database {db} is gone; its feed stops", db=self.db)
+            _log.info("{db} answered {status}; its feed stops", db=self.db, status=response.code)
             self._on_gone(self.db)
             return
         if response.code != 200:
@@ -182,16 +204,20 @@ class ChangesFeed(Service):
         lines = _FeedLines(self)
         response.deliverBody(lines)
         self._transport = lines.transport
-        self.epoch += 1
+        self.epoch = next(self._epochs)
         self.live = True
         self._attempt = 0
         self.heard()
+        self.on_live()
         if self.checks:
             self._following = FollowCheck()
             self._confirmed_at = None
             self._check(self.epoch)
         reason = await lines.finished
         self._transport = None
+        closing, self._closing = self._closing, []
+        for waiter in closing:
+            waiter.callback(None)
         if self.live:  # else the gap was had already (a stop, a database check)
             self._gap()
         if self.running:
@@ -321,7 +347,7 @@ class ChangesFeed(Service):
 
 
 class FeedManager(MultiService):
-    """Follows the databases served most recently, at most ``max_feeds`` (least recently served go first)."""
+    """The databases' own feeds, at most ``max_feeds`` (by default the least recently served go first)."""
 
     def __init__(
         self,
@@ -331,18 +357,30 @@ class FeedManager(MultiService):
         max_feeds: int,
         heartbeat: float,
         policy: Callable[[int], float] | None = None,
+        epochs: Iterator[int] | None = None,
     ) -> None:
         super().__init__()
         self._client = client
         self._clock = clock
-        self._max_feeds = max_feeds
+        self.max_feeds = max_feeds
         self._heartbeat = heartbeat
         self._policy = policy
+        self._epochs = epochs or itertools.count(1)
         self._feeds: OrderedDict[str, ChangesFeed] = OrderedDict()
+        self._closing = 0  # stopped feeds whose connection is not closed yet
+        self._waiting: str | None = None  # the database to follow once one of them has closed
+        self.on_started: Callable[[str], None] = lambda db: None
         self._retired_reconnects = 0
         self.on_change: OnChange = lambda db, docid: None
         self.on_gap: OnGap = lambda db: None
         self.on_gone: OnGap = lambda db: None  # the feed found the database deleted
+
+    def has(self, db: str) -> bool:
+        return db in self._feeds
+
+    def full(self) -> bool:
+        """No room for another feed (feeds still closing their connection count too)."""
+        return len(self._feeds) + self._closing >= self.max_feeds
 
     def live_epoch(self, db: str) -> int | None:
         """The live epoch of ``db``'s feed, if it has one that may be trusted now (never starts one)."""
@@ -358,13 +396,26 @@ class FeedManager(MultiService):
         feed = self._feeds.get(db)
         if feed is not None:
             self._feeds.move_to_end(db)
-        elif self.running and self._max_feeds > 0:
-            self._start(db)
+        elif self.running and self.max_feeds > 0:
+            while len(self._feeds) >= self.max_feeds:  # (feeds still closing will make room themselves)
+                oldest, _ = self._feeds.popitem(last=False)
+                self._stop(oldest)
+            if self.full():
+                self._waiting = db  # a stopped feed still closes its connection: started once it has
+            else:
+                self._start(db)
+
+    def coldest(self, score: Callable[[str], float]) -> str | None:
+        """The followed database with the lowest ``score``."""
+        return min(self._feeds, key=score, default=None)
+
+    def stop(self, db: str) -> None:
+        """Stop following ``db`` (its entries go with the feed)."""
+        if self._feeds.pop(db, None) is not None:
+            self._stop(db)
 
     def _start(self, db: str) -> ChangesFeed:
-        while len(self._feeds) >= self._max_feeds:
-            oldest, _ = self._feeds.popitem(last=False)
-            self._stop(oldest)
+        self.on_started(db)
         feed = ChangesFeed(
             db,
             self._client,
@@ -374,6 +425,7 @@ class FeedManager(MultiService):
             on_gap=self._gapped,
             on_gone=self._forget,
             policy=self._policy,
+            epochs=self._epochs,
         )
         self._feeds[db] = feed
         feed.setServiceParent(self)
@@ -383,7 +435,17 @@ class FeedManager(MultiService):
         feed = self.getServiceNamed(db) if db in self.namedServices else None
         if feed is not None:
             self._retired_reconnects += feed.reconnects
+            closed = feed.connection_closed()
             feed.disownServiceParent()  # stops it, which drops its entries
+            if not closed.called:  # its connection counts until it is gone: max_feeds is a hard bound
+                self._closing += 1
+                closed.addBoth(self._closed)
+
+    def _closed(self, _: object) -> None:
+        self._closing -= 1
+        db, self._waiting = self._waiting, None
+        if db is not None and db not in self._feeds and self.running and not self.full():
+            self._start(db)
 
     def _changed(self, db: str, docid: str) -> None:
         self.on_change(db, docid)

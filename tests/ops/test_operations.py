@@ -52,7 +52,7 @@ async def test_health_is_200_with_feeds_and_cache_when_couchdb_answers(start_ser
     assert reply.header("content-type") == "application/json"
     body = reply.json()
     assert body["couchdb"] == "ok"
-    assert body["feeds"] == {"connected": 1, "total": 1}
+    assert body["feeds"] == {"mode": "per-database", "connected": 1, "total": 1}
     assert body["cache"]["entries"] == 1
     public = await fetch(f"{service.base_url}/_health")
     assert (public.status, public.json()) == (200, {"status": "ok"}), "no details on the public port"

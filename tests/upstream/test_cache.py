@@ -333,3 +333,19 @@ async def test_random_names_neither_start_feeds_nor_push_out_those_serving_hits(
     finally:
         for name in names:
             admin.delete_db(name)
+
+
+@pytest_twisted.ensureDeferred
+async def test_without_db_updates_each_database_gets_a_feed_of_its_own(
+    start_service, couch_server, db, doc, logged
+):
+    """PouchDB Server (and a CouchDB without _global_changes, like the suite's) has no /_db_updates."""
+    if couch_server.kind == "url":
+        pytest.skip("a CouchDB of someone else's may have _global_changes")
+    service = await start_service(feed_heartbeat=HEARTBEAT)
+    assert await wait_until(lambda: service.app.feeds.mode == "per-database", 5)
+    await warm(service, db)
+    assert [f.db for f in service.app.feeds.feeds()] == [db]
+    said = [e for e in logged if "no /_db_updates" in e.get("log_format", "")]
+    assert len(said) == 1
+    assert service.app.feeds.details()["mode"] == "per-database"

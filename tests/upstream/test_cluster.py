@@ -131,6 +131,11 @@ async def test_a_token_changed_on_a_surviving_node_stops_within_a_second(start_s
         return (await fetch(url)).status == 403
 
     assert await wait_until(refused, 5, interval=0.02)
-    assert time.monotonic() - changed_at < 1.5  # 1 s, plus the blocking PUT's own time
+    # The cluster has _global_changes: the database is covered by the global feed, whose events
+    # CouchDB batches (~1 s), so its bound is 2 s; a feed of its own would make it 1 s.
+    bound = 2.0 if service.app.feeds.mode == "global" else 1.0
+    assert time.monotonic() - changed_at < bound + 0.5  # plus the blocking PUT's own time
     assert (await fetch(service.url(cluster_db, "doc", "f.bin", "rotated"))).status == 200
-    assert await wait_until(lambda: service.app.feeds.connected() == 1, 10), "the feed lives on another node"
+    feeds = service.app.feeds
+    expected = len(feeds.feeds()) + (1 if feeds.mode == "global" else 0)
+    assert await wait_until(lambda: feeds.connected() == expected >= 1, 10), "the feeds live on other nodes"

@@ -22,14 +22,19 @@ from couchtoken.upstream.feeds import ChangesFeed, FeedManager
 class FakeTransport:
     disconnecting = False  # like twisted.web's TransportProxyProducer
 
-    def __init__(self, protocol: Any) -> None:
+    def __init__(self, protocol: Any, lingers: bool = False) -> None:
         self.protocol = protocol
         self.stopped = False
+        self.lingers = lingers  # a connection that closes only when the test says so
 
     def stopProducing(self) -> None:
         if not self.stopped:
             self.stopped = True
-            self.protocol.connectionLost(Failure(ConnectionLost()))
+            if not self.lingers:
+                self.close()
+
+    def close(self) -> None:
+        self.protocol.connectionLost(Failure(ConnectionLost()))
 
     def pauseProducing(self) -> None:
         pass
@@ -39,14 +44,15 @@ class FakeTransport:
 
 
 class FakeResponse:
-    def __init__(self, code: int) -> None:
+    def __init__(self, code: int, lingers: bool = False) -> None:
         self.code = code
+        self.lingers = lingers
         self.protocol: Any = None
         self.transport: FakeTransport | None = None
 
     def deliverBody(self, protocol: Any) -> None:
         self.protocol = protocol
-        self.transport = FakeTransport(protocol)
+        self.transport = FakeTransport(protocol, self.lingers)
         protocol.makeConnection(self.transport)
 
     def send(self, data: bytes) -> None:
@@ -87,8 +93,8 @@ class FakeClient:
         self.pending.append(d)
         return await d
 
-    def answer(self, code: int = 200) -> FakeResponse:
-        response = FakeResponse(code)
+    def answer(self, code: int = 200, lingers: bool = False) -> FakeResponse:
+        response = FakeResponse(code, lingers)
         self.pending.pop(0).callback(response)
         return response
 
@@ -393,3 +399,17 @@ def test_on_pouchdb_stopping_cancels_the_check_in_flight():
     feed.stopService()
     assert pending.called  # cancelled
     assert clock.getDelayedCalls() == []
+
+
+def test_max_feeds_bounds_connections_even_while_a_stopped_feed_closes():
+    clock, client = Clock(), FakeClient()
+    manager = FeedManager(client, clock, max_feeds=1, heartbeat=1.0)  # type: ignore[arg-type]
+    manager.startService()
+    manager.served("a")
+    first = client.answer(lingers=True)
+    manager.served("b")  # a is stopped, but its connection is not closed yet
+    assert first.transport.stopped
+    assert client.calls == 1 and manager.full(), "b waits: two feed connections at once otherwise"
+    first.transport.close()
+    assert client.calls == 2 and [f.db for f in manager.feeds()] == ["b"]
+    manager.stopService()

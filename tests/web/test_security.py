@@ -14,13 +14,17 @@ from tests.waiting import wait_until
 
 TOKEN = "tok"
 # Everything the service may ever ask CouchDB for: one document, one of its
-# attachments pinned to a revision, a database's changes feed, or (on servers that
-# keep the feeds of deleted databases) its latest change.  No database or document
-# name starts with "_".
+# attachments pinned to a revision, a database's changes feed, (on servers that
+# keep the feeds of deleted databases) its latest change, the global _db_updates
+# feed, a database's update_seq and its changes since a seq.  No database or
+# document name starts with "_".
 ALLOWED = re.compile(
     r"GET /(?!_)[^/?]+/(?!_)[^/?]+(/[^?]+\?rev=[0-9]+-[0-9a-f]+|\?att_encoding_info=true)\Z"
     r"|GET /(?!_)[^/?]+/_changes\?feed=continuous&heartbeat=[0-9]+&since=now\Z"
     r"|GET /(?!_)[^/?]+/_changes\?descending=true&limit=1\Z"
+    r"|GET /_db_updates\?feed=continuous&heartbeat=[0-9]+&since=now\Z"  # the global feed
+    r"|GET /(?!_)[^/?]+\Z"  # a database's update_seq: its baseline under the global feed
+    r"|GET /(?!_)[^/?]+/_changes\?since=[0-9A-Za-z_%-]+&limit=[0-9]+\Z"  # a catch-up read
     r"|GET /_up\Z|GET /\Z"  # the health check (at start, and for /_health); the server's kind
 )
 

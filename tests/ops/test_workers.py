@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from couchtoken.dev.pouchdb import free_port
+from tests.tlscert import write_self_signed
 from tests.twistproc import TwistProcess, children, serving_pid
 
 TOKEN = "workers-token"
@@ -414,41 +415,9 @@ def test_workers_on_a_unix_socket_leave_its_path_to_the_supervisor(supervised, f
     assert "Traceback" not in service.log()
 
 
-def _self_signed(directory: Path) -> tuple[Path, Path]:
-    """A throwaway key and certificate for 127.0.0.1 (``cryptography`` comes with ``twisted[tls]``)."""
-    import datetime
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .sign(key, hashes.SHA256())
-    )
-    key_path, cert_path = directory / "key.pem", directory / "cert.pem"
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    return key_path, cert_path
-
-
 def test_workers_serve_tls_on_an_ssl_port(supervised, files, tmp_path):
     db, _ = files
-    key, cert = _self_signed(tmp_path)
+    key, cert = write_self_signed(tmp_path)
     port = free_port()
     service = supervised(port=f"ssl:{port}:interface=127.0.0.1:privateKey={key}:certKey={cert}")
     context = ssl.create_default_context(cafile=str(cert))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import signal
 import socket
 import subprocess
@@ -12,6 +11,7 @@ import time
 import pytest
 
 from tests.h2client import H2Client
+from tests.seeding import random_attachment_db
 from tests.tools import require_curl_with_http2
 from tests.twistproc import TwistProcess
 
@@ -21,13 +21,7 @@ SIZE = 16 * 1024 * 1024
 
 @pytest.fixture(scope="module")
 def movie(admin):
-    name = f"ct-drain-{os.getpid()}"
-    admin.create_db(name)
-    data = os.urandom(SIZE)
-    admin.put(name, "doc", {"download_token": TOKEN})
-    admin.put_attachment(name, "doc", "movie.bin", data, "video/mp4")
-    yield name, hashlib.sha256(data).hexdigest()
-    admin.delete_db(name)
+    yield from random_attachment_db(admin, "ct-drain", TOKEN, "movie.bin", SIZE, "video/mp4")
 
 
 def _request(port: int, path: str, connection: str = "close") -> socket.socket:

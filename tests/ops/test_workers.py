@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from couchtoken.dev.pouchdb import free_port
+from tests.seeding import random_attachment_db
 from tests.tlscert import write_self_signed
 from tests.twistproc import TwistProcess, children, serving_pid
 
@@ -33,14 +34,9 @@ SMALL = b"served by some worker"
 @pytest.fixture(scope="module")
 def files(admin):
     """A database with a small and a big attachment: (db, sha256 of the big one)."""
-    name = f"ct-workers-{os.getpid()}"
-    admin.create_db(name)
-    data = os.urandom(BIG)
-    admin.put(name, "doc", {"download_token": TOKEN})
-    admin.put_attachment(name, "doc", "small.txt", SMALL, "text/plain")
-    admin.put_attachment(name, "doc", "big.bin", data, "application/octet-stream")
-    yield name, hashlib.sha256(data).hexdigest()
-    admin.delete_db(name)
+    yield from random_attachment_db(
+        admin, "ct-workers", TOKEN, "big.bin", BIG, others={"small.txt": (SMALL, "text/plain")}
+    )
 
 
 class Supervised:

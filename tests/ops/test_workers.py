@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from couchtoken.dev.pouchdb import free_port
+from tests.http import read_head, refuses_connections, start_download
 from tests.seeding import random_attachment_db
 from tests.tlscert import write_self_signed
 from tests.twistproc import TwistProcess, children, serving_pid
@@ -145,13 +146,8 @@ def get_many(url: str, count: int, threads: int = 8) -> list[tuple[int, bytes]]:
 
 def open_download(port: int, path: str) -> tuple[socket.socket, bytes]:
     """Start a download and read its head: (socket, body bytes read so far)."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
-    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
-    data = b""
-    while b"\r\n\r\n" not in data:
-        data += sock.recv(65536)
-    head, body = data.split(b"\r\n\r\n", 1)
+    sock = start_download(port, path, connection="close")
+    head, body = read_head(sock)
     assert head.startswith(b"HTTP/1.1 200"), head
     return sock, body
 
@@ -292,14 +288,6 @@ def test_a_worker_killed_under_load_is_back_within_2_s_and_only_its_downloads_fa
     assert "was killed by signal 9" in service.log()
 
 
-def _refused(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=2).close()
-    except (ConnectionRefusedError, ConnectionResetError):
-        return True
-    return False
-
-
 def test_sigterm_closes_the_port_drains_every_worker_and_exits_0(supervised, files):
     db, digest = files
     service = supervised("--drain-timeout", "20")
@@ -309,7 +297,7 @@ def test_sigterm_closes_the_port_drains_every_worker_and_exits_0(supervised, fil
     service.process.send_signal(signal.SIGTERM)
 
     deadline = time.monotonic() + 5
-    while not _refused(service.twist.port):
+    while not refuses_connections(service.twist.port):
         assert time.monotonic() < deadline, "the port still accepts connections"
         time.sleep(0.05)
     started = time.monotonic()

@@ -8,7 +8,6 @@ import gzip
 import hashlib
 import os
 import shutil
-import socket
 import subprocess
 import time
 import urllib.request
@@ -23,6 +22,7 @@ from couchtoken.upstream import diskcache
 from couchtoken.upstream.diskfiles import DATA, MARKER_NAME, MAX_HEADER, TMP, Header, file_name
 from tests.faultproxy import Fault
 from tests.http import fetch as http_fetch
+from tests.http import start_download
 from tests.ops.test_operations import metric
 from tests.twistproc import TwistProcess, rss_bytes
 from tests.upstream.test_cache import HEARTBEAT, attachment_requests, until_status, warm
@@ -190,14 +190,6 @@ async def test_a_revoked_token_gets_403_for_a_cached_file(start_service, admin, 
     assert service.app.disk.hits == hits + 1  # the file itself was still good
 
 
-def _start_download(port, path):
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
-    sock.connect(("127.0.0.1", port))
-    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-    return sock
-
-
 @pytest_twisted.ensureDeferred
 async def test_a_cut_first_download_leaves_no_file_and_the_next_one_fills(start_service, admin, db, tmp_path):
     data = seed(admin, db)
@@ -213,7 +205,7 @@ async def test_a_cut_first_download_leaves_no_file_and_the_next_one_fills(start_
     service.proxy.fault = None
     # The client goes away mid-body.
     port = int(service.base_url.rsplit(":", 1)[1])
-    sock = await threads.deferToThread(_start_download, port, f"/{db}/doc/movie.bin?token={TOKEN}")
+    sock = await threads.deferToThread(start_download, port, f"/{db}/doc/movie.bin?token={TOKEN}")
     await threads.deferToThread(sock.recv, 65536)
     sock.close()
     assert await wait_until(lambda: disk.fill_failures == 2, 5)
@@ -528,7 +520,7 @@ async def test_a_client_that_stops_reading_a_cached_file_is_cut(start_service, a
     service, url = await warm_disk_service(start_service, tmp_path / "cache", db, idle_timeout=1.0)
     await fetch(url)
     port = int(service.base_url.rsplit(":", 1)[1])
-    stuck = await threads.deferToThread(_start_download, port, f"/{db}/doc/movie.bin?token={TOKEN}")
+    stuck = await threads.deferToThread(start_download, port, f"/{db}/doc/movie.bin?token={TOKEN}")
     try:
         assert await wait_until(lambda: service.app.disk.hits == 1, 5)
         started = time.monotonic()
@@ -563,7 +555,7 @@ def test_twenty_slow_clients_of_a_cached_file_keep_memory_flat(couch_server, adm
             assert time.monotonic() < deadline, "the file was never filled"
             time.sleep(0.1)
         before = rss_bytes(service.process.pid)
-        readers = [_start_download(service.port, path) for _ in range(20)]
+        readers = [start_download(service.port, path) for _ in range(20)]
         read = 0
         deadline = time.monotonic() + 6
         while time.monotonic() < deadline:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from urllib.parse import quote, urlencode
 
 import attrs
@@ -62,8 +63,6 @@ def raw_exchange(port: int, raw: bytes, timeout: float = 15) -> bytes:
 
     Blocking: call it from a thread (``threads.deferToThread``) while the reactor runs.
     """
-    import socket
-
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
         sock.sendall(raw)
         chunks = []
@@ -73,3 +72,40 @@ def raw_exchange(port: int, raw: bytes, timeout: float = 15) -> bytes:
         except ConnectionResetError:
             pass
     return b"".join(chunks)
+
+
+def start_download(
+    port: int, path: str, *, rcvbuf: int = 65536, connection: str | None = None
+) -> socket.socket:
+    """``GET path`` on a raw socket with a small receive buffer, nothing read yet: the download stays
+    in flight, held back by TCP, until the test reads or closes the socket.
+
+    Blocking: call it from a thread (``threads.deferToThread``) while the reactor runs.
+    """
+    sock = socket.socket()
+    sock.settimeout(10)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)  # before connect: the window follows it
+    sock.connect(("127.0.0.1", port))
+    close = f"Connection: {connection}\r\n" if connection else ""
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n{close}\r\n".encode())
+    return sock
+
+
+def read_head(sock: socket.socket) -> tuple[bytes, bytes]:
+    """Read a response head off ``sock``: (the head, the body bytes read with it)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"the connection closed before the end of the head: {data!r}"
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    return head, body
+
+
+def refuses_connections(port: int) -> bool:
+    """Whether the port refuses new connections (a reset means it closed while we connected)."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    except (ConnectionRefusedError, ConnectionResetError):
+        return True
+    return False

@@ -227,17 +227,23 @@ class CouchDBClient:
         response = await self._request(
             document_path(db, docid), DOCUMENT_QUERY, what="a document request", accept=b"application/json"
         )
-        if response.code == 404:
-            await self.discard(response)
+        if not await self._found(response):
             return None
-        if response.code != 200:
-            await self.discard(response)
-            raise _status_error(response.code)
         try:
             return await self._read_object(response, "document")
         except _TooDeep:
             self._report_unreadable(db, docid)
             return {}  # a document with nothing usable in it: it opens nothing (403)
+
+    async def _found(self, response: IResponse) -> bool:
+        """False for a 404 (the document or database is missing); raises for any status but 200."""
+        if response.code == 404:
+            await self.discard(response)
+            return False
+        if response.code != 200:
+            await self.discard(response)
+            raise _status_error(response.code)
+        return True
 
     async def _read_object(self, response: IResponse, noun: str) -> dict[str, Any]:
         """The response's body as a JSON object (bounded in size and time)."""
@@ -280,12 +286,8 @@ class CouchDBClient:
             timeout=timeout,
             accept=b"application/json",
         )
-        if response.code == 404:
-            await self.discard(response)
+        if not await self._found(response):
             return None
-        if response.code != 200:
-            await self.discard(response)
-            raise _status_error(response.code)
         found = await self._read_object(response, "changes answer")
         results = found.get("results")
         if isinstance(results, list) and results and isinstance(results[0], dict):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NoReturn
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -20,7 +20,7 @@ from couchtoken.web.filesend import FileReadError, send_file
 from couchtoken.web.metrics import Metrics
 from couchtoken.web.presentation import Presentation
 from couchtoken.web.query import query_args
-from couchtoken.web.relay import relay_body
+from couchtoken.web.relay import Tee, relay_body
 
 _log = Logger()
 
@@ -180,13 +180,12 @@ class Delivery:
         encoding = response.headers.getRawHeaders(b"content-encoding", [None])[0]
         skip, limit = 0, None
         if window is not None:
-            start, stop = window
             if encoding not in (None, b"identity"):
                 _refuse(response, "CouchDB compressed a ranged attachment")
-            if response.code == 200:
-                skip, limit = start, stop - start
-            elif response.headers.getRawHeaders(b"content-range", [b""])[0] != content_range(window, info):
+            cut = cut_to(response, window, info)
+            if cut is None:
                 _refuse(response, "CouchDB answered another range than asked")
+            skip, limit = cut
         upstream_etag = response.headers.getRawHeaders(b"etag", [None])[0]
         self._success_headers(
             request, target, info, upstream_etag.decode("latin-1") if upstream_etag else etag
@@ -218,17 +217,7 @@ class Delivery:
                 # However the download ends, an unfinished fill leaves nothing behind.
                 request.notifyFinish().addBoth(lambda _: fill.abandon())
         try:
-            await relay_body(
-                response,
-                request,
-                skip,
-                limit,
-                clock=self._clock,
-                idle_timeout=self._idle_timeout,
-                on_idle=self._metrics.idle_disconnects.inc,
-                tee=tee if fill is None else fill,
-                upstream_timeout=self._upstream_timeout,
-            )
+            await self._stream(request, response, skip, limit, tee=tee if fill is None else fill)
         except BaseException:
             if fill is not None:
                 fill.abandon()
@@ -240,6 +229,22 @@ class Delivery:
             if len(body) == info.length:
                 self._blobs.put(blob_key, body)
         return None
+
+    async def _stream(
+        self, request: IRequest, response: IResponse, skip: int, limit: int | None, tee: Tee | None = None
+    ) -> None:
+        """Relay CouchDB's body to the client, with the service's idle and upstream timeouts."""
+        await relay_body(
+            response,
+            request,
+            skip,
+            limit,
+            clock=self._clock,
+            idle_timeout=self._idle_timeout,
+            on_idle=self._metrics.idle_disconnects.inc,
+            tee=tee,
+            upstream_timeout=self._upstream_timeout,
+        )
 
     async def _finish_from_couchdb(
         self,
@@ -262,29 +267,13 @@ class Delivery:
             )
             etag = response.headers.getRawHeaders(b"etag", [b""])[0].decode("latin-1")
             encoding = response.headers.getRawHeaders(b"content-encoding", [None])[0]
-            wanted_range = content_range((start, stop), info)
-            if response.code == 200:
-                skip, limit = start, stop - start
-            elif (
-                response.code == 206
-                and response.headers.getRawHeaders(b"content-range", [b""])[0] == wanted_range
-            ):
-                skip, limit = 0, None
-            else:
+            cut = cut_to(response, (start, stop), info)
+            if cut is None:
                 await self._couchdb.discard(response)
                 raise UpstreamError("status", f"CouchDB answered {response.code} for the rest of a file")
             if etag != info.etag or encoding not in (None, b"identity"):
                 _refuse(response, "CouchDB sent other bytes for the rest of a file")
-            await relay_body(
-                response,
-                request,
-                skip,
-                limit,
-                clock=self._clock,
-                idle_timeout=self._idle_timeout,
-                on_idle=self._metrics.idle_disconnects.inc,
-                upstream_timeout=self._upstream_timeout,
-            )
+            await self._stream(request, response, *cut)
         except UpstreamError as exc:
             _log.warn(
                 "Could not finish a download from CouchDB after a disk cache read error ({kind}): "
@@ -312,12 +301,29 @@ def stored_compressed(info: AttachmentInfo, response: IResponse) -> bool:
     return info.encoding not in (None, "identity") or accept_ranges.strip().lower() == b"none"
 
 
+def cut_to(
+    response: IResponse, window: tuple[int, int], info: AttachmentInfo
+) -> tuple[int, int | None] | None:
+    """How to cut CouchDB's answer down to ``window``, as ``(skip, limit)`` for the relay.
+
+    A 200 carries the whole body (PouchDB Server ignores ``Range``): the window
+    is cut out of it.  A 206 must carry exactly that range.  None for anything else.
+    """
+    start, stop = window
+    if response.code == 200:
+        return start, stop - start
+    sent = response.headers.getRawHeaders(b"content-range", [b""])[0]
+    if response.code == 206 and sent == content_range(window, info):
+        return 0, None
+    return None
+
+
 def content_range(window: tuple[int, int], info: AttachmentInfo) -> bytes:
     start, stop = window
     return b"bytes %d-%d/%d" % (start, stop - 1, info.length)
 
 
-def _refuse(response: IResponse, detail: str) -> None:
+def _refuse(response: IResponse, detail: str) -> NoReturn:
     """Drop an unusable attachment response and fail with a 502."""
     response.deliverBody(_Discard())
     raise UpstreamError("protocol", detail)

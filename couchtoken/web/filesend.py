@@ -27,14 +27,13 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
-from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 from zope.interface import implementer
 
+from couchtoken.web.idle import IdleCut
+
 CHUNK = 64 * 1024
 BURST = 16  # chunks written before yielding to the reactor
-
-_log = Logger()
 
 
 class FileReadError(Exception):
@@ -67,9 +66,7 @@ class FileSend:
         self._remaining = count
         self._sent = 0
         self._clock = clock
-        self._idle_timeout = idle_timeout
-        self._on_idle = on_idle
-        self._idle_call: Any = None
+        self._idle = IdleCut(clock, idle_timeout, on_idle=on_idle, cut=self._abort_client)
         self._next_burst: Any = None
         self._paused = False
         self._pumping = False
@@ -84,12 +81,11 @@ class FileSend:
     # IPushProducer, as seen by the client connection.
     def pauseProducing(self) -> None:
         self._paused = True
-        if self._idle_timeout and self._idle_call is None and not self._ended:
-            self._idle_call = self._clock.callLater(self._idle_timeout, self._client_stuck)
+        self._idle.paused()
 
     def resumeProducing(self) -> None:
         self._paused = False
-        self._cancel_idle()
+        self._idle.resumed()
         if not self._pumping:
             self._pump()
 
@@ -132,12 +128,7 @@ class FileSend:
         self._end()
         self.done.errback(FileReadError(self._sent, why))
 
-    def _client_stuck(self) -> None:
-        self._idle_call = None
-        if self._ended:
-            return
-        _log.info("A client read nothing for {seconds:g}s; cutting its download", seconds=self._idle_timeout)
-        self._on_idle()
+    def _abort_client(self) -> None:
         transport = getattr(self._request, "transport", None)
         if transport is not None:
             transport.abortConnection()
@@ -147,15 +138,11 @@ class FileSend:
         if call is not None and call.active():
             call.cancel()
 
-    def _cancel_idle(self) -> None:
-        self._cancel_call(self._idle_call)
-        self._idle_call = None
-
     def _end(self) -> None:
         if self._ended:
             return
         self._ended = True
-        self._cancel_idle()
+        self._idle.stop()
         self._cancel_call(self._next_burst)
         self._next_burst = None
         try:

@@ -37,6 +37,7 @@ from twisted.web.iweb import IRequest, IResponse
 from zope.interface import implementer
 
 from couchtoken.web.abort import abort_response
+from couchtoken.web.idle import IdleCut
 
 _log = Logger()
 
@@ -71,9 +72,7 @@ class BodyRelay(Protocol):
         self._skip = skip
         self._remaining = limit
         self._clock = clock
-        self._idle_timeout = idle_timeout
-        self._on_idle = on_idle
-        self._idle_call: Any = None
+        self._idle = IdleCut(clock, idle_timeout, on_idle=on_idle, cut=self._abort_client)
         self._ended = False
         self.done: Deferred[None] = Deferred(self._client_gone)
 
@@ -86,13 +85,12 @@ class BodyRelay(Protocol):
         self._paused = True
         self._cancel(self._stall_call)  # silence from CouchDB is our doing now
         self._stall_call = None
-        if self._clock is not None and self._idle_timeout and self._idle_call is None:
-            self._idle_call = self._clock.callLater(self._idle_timeout, self._client_stuck)
+        self._idle.paused()
         self.transport.pauseProducing()
 
     def resumeProducing(self) -> None:
         self._paused = False
-        self._cancel_idle()
+        self._idle.resumed()
         self._expect_upstream()
         self.transport.resumeProducing()
 
@@ -158,14 +156,6 @@ class BodyRelay(Protocol):
         # left pending: the lost connection makes Klein cancel it.
         self._abort_client()
 
-    def _client_stuck(self) -> None:
-        self._idle_call = None
-        if self._ended:
-            return
-        _log.info("A client read nothing for {seconds:g}s; cutting its download", seconds=self._idle_timeout)
-        self._on_idle()
-        self._abort_client()
-
     def _abort_client(self) -> None:
         abort_response(self._request)
 
@@ -174,13 +164,9 @@ class BodyRelay(Protocol):
         if call is not None and call.active():
             call.cancel()
 
-    def _cancel_idle(self) -> None:
-        self._cancel(self._idle_call)
-        self._idle_call = None
-
     def _end(self) -> None:
         self._ended = True
-        self._cancel_idle()
+        self._idle.stop()
         self._cancel(self._stall_call)
         self._stall_call = None
         try:

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from couchtoken.dev.pouchdb import ROOT, CouchAdmin, free_port
+from tests.http import read_head, start_download
 
 SIZE = 16 * 1024 * 1024
 TOKEN = "demo-drain-token"
@@ -179,13 +180,8 @@ def _drain_and_stop(demo: Demo, interrupt: Callable[[], None], name: str) -> Non
         hello = _download(demo.port, link.group(2))
         assert hello.endswith(b"\r\n\r\nHello from couchtoken!\n"), hello
 
-        sock = socket.create_connection(("127.0.0.1", demo.port), timeout=10)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
-        sock.sendall(f"GET /demo/big/big.bin?token={TOKEN} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-        head = b""
-        while b"\r\n\r\n" not in head:
-            head += sock.recv(65536)
-        head, body = head.split(b"\r\n\r\n", 1)
+        sock = start_download(demo.port, f"/demo/big/big.bin?token={TOKEN}")
+        head, body = read_head(sock)
         assert head.startswith(b"HTTP/1.1 200"), head
         interrupt()
         deadline = time.monotonic() + 10

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import signal
 import socket
 import subprocess
@@ -12,6 +11,8 @@ import time
 import pytest
 
 from tests.h2client import H2Client
+from tests.http import read_head, refuses_connections, start_download
+from tests.seeding import random_attachment_db
 from tests.tools import require_curl_with_http2
 from tests.twistproc import TwistProcess
 
@@ -21,36 +22,7 @@ SIZE = 16 * 1024 * 1024
 
 @pytest.fixture(scope="module")
 def movie(admin):
-    name = f"ct-drain-{os.getpid()}"
-    admin.create_db(name)
-    data = os.urandom(SIZE)
-    admin.put(name, "doc", {"download_token": TOKEN})
-    admin.put_attachment(name, "doc", "movie.bin", data, "video/mp4")
-    yield name, hashlib.sha256(data).hexdigest()
-    admin.delete_db(name)
-
-
-def _request(port: int, path: str, connection: str = "close") -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
-    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: {connection}\r\n\r\n".encode())
-    return sock
-
-
-def _split_head(sock: socket.socket) -> tuple[bytes, bytes]:
-    data = b""
-    while b"\r\n\r\n" not in data:
-        data += sock.recv(65536)
-    return tuple(data.split(b"\r\n\r\n", 1))  # type: ignore[return-value]
-
-
-def _refused(port: int) -> bool:
-    """Whether the port refuses new connections (a reset means it closed while we connected)."""
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=2).close()
-    except (ConnectionRefusedError, ConnectionResetError):
-        return True
-    return False
+    yield from random_attachment_db(admin, "ct-drain", TOKEN, "movie.bin", SIZE, "video/mp4")
 
 
 @pytest.mark.parametrize("connection", ["close", "keep-alive"])
@@ -72,12 +44,12 @@ def test_sigterm_lets_a_running_download_finish_and_refuses_new_connections(
 
 def _drain_one_download(service: TwistProcess, db: str, digest: str, connection: str) -> None:
     """Start a download, SIGTERM the service, read the rest slowly; the service then exits at once."""
-    sock = _request(service.port, f"/{db}/doc/movie.bin?token={TOKEN}", connection)
-    head, body = _split_head(sock)
+    sock = start_download(service.port, f"/{db}/doc/movie.bin?token={TOKEN}", connection=connection)
+    head, body = read_head(sock)
     assert head.startswith(b"HTTP/1.1 200")
     service.process.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + 5
-    while not _refused(service.port):
+    while not refuses_connections(service.port):
         assert time.monotonic() < deadline, "the port still accepts connections"
         body += sock.recv(65536)
     # Keep reading, slowly enough that the download outlives the SIGTERM by a while.
@@ -129,7 +101,7 @@ def test_sigterm_over_http2_sends_goaway_and_lets_running_streams_finish(movie, 
         assert idle.until(lambda: idle.closed, 5), "the idle HTTP/2 connection is still open"
         assert idle.goaway is not None and idle.goaway.error_code == 0
         idle.close()  # as any client does once the server has closed
-        assert _refused(service.port) or time.sleep(1) or _refused(service.port)
+        assert refuses_connections(service.port) or time.sleep(1) or refuses_connections(service.port)
         outcome, errors = download.communicate(timeout=30)
         finished = time.monotonic()
         assert (download.returncode, outcome) == (0, b"2 200"), errors
@@ -150,8 +122,8 @@ def test_downloads_still_running_at_the_drain_timeout_are_cut(movie, couch_serve
     service = TwistProcess(tmp_path / "twist.log", ["--drain-timeout", "1"], env=env)
     service.start()
     try:
-        sock = _request(service.port, f"/{db}/doc/movie.bin?token={TOKEN}")
-        _split_head(sock)  # then read nothing more: the download cannot finish
+        sock = start_download(service.port, f"/{db}/doc/movie.bin?token={TOKEN}", connection="close")
+        read_head(sock)  # then read nothing more: the download cannot finish
         stopped = time.monotonic()
         service.process.send_signal(signal.SIGTERM)
         assert service.process.wait(15) == 0, service.log()[-2000:]

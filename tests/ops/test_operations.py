@@ -19,7 +19,7 @@ from couchtoken.dev.pouchdb import free_port
 from couchtoken.ops.tap import Options
 from tests.conftest import HEALTH_CHECKS
 from tests.faultproxy import Fault
-from tests.http import fetch, raw_exchange
+from tests.http import fetch, raw_exchange, start_download
 from tests.waiting import wait_until
 
 TOKEN = "ops-token"
@@ -167,11 +167,7 @@ async def test_metrics_are_off_the_public_port_unless_asked_for(start_service):
 
 def _open_download(port: int, path: str) -> socket.socket:
     """Start a download and read nothing: the response stays in flight."""
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect(("127.0.0.1", port))
-    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-    return sock
+    return start_download(port, path, rcvbuf=4096)
 
 
 @pytest_twisted.ensureDeferred

@@ -22,6 +22,9 @@ from pathlib import Path
 import pytest
 
 from couchtoken.dev.pouchdb import free_port
+from tests.http import read_head, refuses_connections, start_download
+from tests.seeding import random_attachment_db
+from tests.tlscert import write_self_signed
 from tests.twistproc import TwistProcess, children, serving_pid
 
 TOKEN = "workers-token"
@@ -32,14 +35,9 @@ SMALL = b"served by some worker"
 @pytest.fixture(scope="module")
 def files(admin):
     """A database with a small and a big attachment: (db, sha256 of the big one)."""
-    name = f"ct-workers-{os.getpid()}"
-    admin.create_db(name)
-    data = os.urandom(BIG)
-    admin.put(name, "doc", {"download_token": TOKEN})
-    admin.put_attachment(name, "doc", "small.txt", SMALL, "text/plain")
-    admin.put_attachment(name, "doc", "big.bin", data, "application/octet-stream")
-    yield name, hashlib.sha256(data).hexdigest()
-    admin.delete_db(name)
+    yield from random_attachment_db(
+        admin, "ct-workers", TOKEN, "big.bin", BIG, others={"small.txt": (SMALL, "text/plain")}
+    )
 
 
 class Supervised:
@@ -148,13 +146,8 @@ def get_many(url: str, count: int, threads: int = 8) -> list[tuple[int, bytes]]:
 
 def open_download(port: int, path: str) -> tuple[socket.socket, bytes]:
     """Start a download and read its head: (socket, body bytes read so far)."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
-    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
-    data = b""
-    while b"\r\n\r\n" not in data:
-        data += sock.recv(65536)
-    head, body = data.split(b"\r\n\r\n", 1)
+    sock = start_download(port, path, connection="close")
+    head, body = read_head(sock)
     assert head.startswith(b"HTTP/1.1 200"), head
     return sock, body
 
@@ -295,14 +288,6 @@ def test_a_worker_killed_under_load_is_back_within_2_s_and_only_its_downloads_fa
     assert "was killed by signal 9" in service.log()
 
 
-def _refused(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=2).close()
-    except (ConnectionRefusedError, ConnectionResetError):
-        return True
-    return False
-
-
 def test_sigterm_closes_the_port_drains_every_worker_and_exits_0(supervised, files):
     db, digest = files
     service = supervised("--drain-timeout", "20")
@@ -312,7 +297,7 @@ def test_sigterm_closes_the_port_drains_every_worker_and_exits_0(supervised, fil
     service.process.send_signal(signal.SIGTERM)
 
     deadline = time.monotonic() + 5
-    while not _refused(service.twist.port):
+    while not refuses_connections(service.twist.port):
         assert time.monotonic() < deadline, "the port still accepts connections"
         time.sleep(0.05)
     started = time.monotonic()
@@ -416,41 +401,9 @@ def test_workers_on_a_unix_socket_leave_its_path_to_the_supervisor(supervised, f
     assert "Traceback" not in service.log()
 
 
-def _self_signed(directory: Path) -> tuple[Path, Path]:
-    """A throwaway key and certificate for 127.0.0.1 (``cryptography`` comes with ``twisted[tls]``)."""
-    import datetime
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .sign(key, hashes.SHA256())
-    )
-    key_path, cert_path = directory / "key.pem", directory / "cert.pem"
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    return key_path, cert_path
-
-
 def test_workers_serve_tls_on_an_ssl_port(supervised, files, tmp_path):
     db, _ = files
-    key, cert = _self_signed(tmp_path)
+    key, cert = write_self_signed(tmp_path)
     port = free_port()
     service = supervised(port=f"ssl:{port}:interface=127.0.0.1:privateKey={key}:certKey={cert}")
     context = ssl.create_default_context(cafile=str(cert))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import pytest
@@ -35,6 +36,21 @@ async def warm(service, db, docid="doc", attachment="f.txt", token=TOKEN, timeou
     before = len(doc_requests(service, db, docid))
     await fetch(service.url(db, docid, attachment, token), "HEAD")
     assert len(doc_requests(service, db, docid)) == before, "the document is not cached"
+
+
+@contextlib.contextmanager
+def databases(admin, prefix, count):
+    """``count`` fresh databases, each with ``doc`` (token ``TOKEN``) holding ``f.txt``; deleted after."""
+    names = [f"{prefix}-{i:02d}-{time.monotonic_ns() % 10**8}" for i in range(count)]
+    try:
+        for name in names:
+            admin.create_db(name)
+            admin.put(name, "doc", {"download_token": TOKEN})
+            admin.put_attachment(name, "doc", "f.txt", b"x")
+        yield names
+    finally:
+        for name in names:
+            admin.delete_db(name)
 
 
 async def until_status(url, status, timeout=1.0):
@@ -163,12 +179,7 @@ async def test_a_new_attachment_is_served_within_a_second(start_service, admin, 
 @pytest_twisted.ensureDeferred
 async def test_twenty_databases_each_revoked(start_service, admin):
     service = await start_service(feed_heartbeat=HEARTBEAT)
-    names = [f"ct-many-{i:02d}-{time.monotonic_ns() % 10**8}" for i in range(20)]
-    try:
-        for name in names:
-            admin.create_db(name)
-            admin.put(name, "doc", {"download_token": TOKEN})
-            admin.put_attachment(name, "doc", "f.txt", b"x")
+    with databases(admin, "ct-many", 20) as names:
         for name in names:
             await warm(service, name)
         assert sum(f.live for f in service.app.feeds.feeds()) == 20
@@ -176,9 +187,6 @@ async def test_twenty_databases_each_revoked(start_service, admin):
             admin.put(name, "doc", {"download_token": f"new-{name}"})
         for name in names:
             assert await until_status(service.url(name, "doc", "f.txt", TOKEN), 403) is not None, name
-    finally:
-        for name in names:
-            admin.delete_db(name)
 
 
 @pytest_twisted.ensureDeferred
@@ -230,12 +238,7 @@ async def test_a_missing_database_gets_no_feed(start_service):
 @pytest_twisted.ensureDeferred
 async def test_past_max_feeds_the_least_recently_used_database_goes_uncached(start_service, admin):
     service = await start_service(feed_heartbeat=HEARTBEAT, max_feeds=2)
-    names = [f"ct-lru-{i}-{time.monotonic_ns() % 10**8}" for i in range(3)]
-    try:
-        for name in names:
-            admin.create_db(name)
-            admin.put(name, "doc", {"download_token": TOKEN})
-            admin.put_attachment(name, "doc", "f.txt", b"x")
+    with databases(admin, "ct-lru", 3) as names:
         await warm(service, names[0])
         await warm(service, names[1])
         await warm(service, names[2])
@@ -244,9 +247,6 @@ async def test_past_max_feeds_the_least_recently_used_database_goes_uncached(sta
         await fetch(service.url(names[0], "doc", "f.txt", TOKEN), "HEAD")
         assert len(doc_requests(service, names[0])) == before + 1
         assert len(service.app.feeds.feeds()) <= 2
-    finally:
-        for name in names:
-            admin.delete_db(name)
 
 
 @pytest_twisted.ensureDeferred
@@ -310,12 +310,8 @@ async def test_a_database_deleted_and_created_again_is_followed_anew(start_servi
 @pytest_twisted.ensureDeferred
 async def test_random_names_neither_start_feeds_nor_push_out_those_serving_hits(start_service, admin):
     service = await start_service(feed_heartbeat=HEARTBEAT, max_feeds=2)
-    names = [f"ct-busy-{i}-{time.monotonic_ns() % 10**8}" for i in range(2)]
-    try:
+    with databases(admin, "ct-busy", 2) as names:
         for name in names:
-            admin.create_db(name)
-            admin.put(name, "doc", {"download_token": TOKEN})
-            admin.put_attachment(name, "doc", "f.txt", b"x")
             await warm(service, name)
         feeds_before = len([t for t in service.couchdb_targets(feeds=True) if "feed=continuous" in t])
         burst = [fetch(service.url(f"ct-random-{i}", "doc", "f.txt", TOKEN)) for i in range(40)]
@@ -330,9 +326,6 @@ async def test_random_names_neither_start_feeds_nor_push_out_those_serving_hits(
             before = len(doc_requests(service, name))
             assert (await fetch(service.url(name, "doc", "f.txt", TOKEN), "HEAD")).status == 200
             assert len(doc_requests(service, name)) == before, f"{name} is no longer cached"
-    finally:
-        for name in names:
-            admin.delete_db(name)
 
 
 @pytest_twisted.ensureDeferred

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.internet.task import Clock
 
@@ -49,9 +50,18 @@ class Fetches:
         self.pending[key].pop(0).callback(document)
 
 
-def make(maxsize: int = 100, ttl: float = 60.0, epoch: int | None = 1):
-    clock, fetches, feeds = Clock(), Fetches(), Feeds(epoch)
-    cache = DocumentCache(fetches, FIELD, feeds, clock, maxsize=maxsize, ttl=ttl)
+def make(
+    maxsize: int = 100,
+    ttl: float = 60.0,
+    epoch: int | None = 1,
+    max_bytes: int | None = None,
+    fetch: Any = None,
+):
+    """A cache on a Clock; ``fetch`` (default: a ``Fetches``) is returned as the third item;
+    ``max_bytes`` None keeps DocumentCache's default byte bound."""
+    clock, fetches, feeds = Clock(), Fetches() if fetch is None else fetch, Feeds(epoch)
+    byte_bound = {} if max_bytes is None else {"max_bytes": max_bytes}
+    cache = DocumentCache(fetches, FIELD, feeds, clock, maxsize=maxsize, ttl=ttl, **byte_bound)
     return cache, clock, fetches, feeds
 
 
@@ -83,13 +93,15 @@ def test_entries_never_outlive_the_ttl():
     assert fetches.count == 2
 
 
-def test_the_cache_never_exceeds_its_size():
-    cache, clock, fetches, feeds = make(maxsize=5)
-    for i in range(50):
+@pytest.mark.parametrize(("maxsize", "lookups"), [(5, 50), (3, 10)])
+def test_the_cache_never_exceeds_its_size(maxsize, lookups):
+    """The entry bound holds under the byte bound too (``make`` keeps the default one)."""
+    cache, clock, fetches, feeds = make(maxsize=maxsize)
+    for i in range(lookups):
         lookup(cache, f"d{i}")
         fetches.answer(("db", f"d{i}"))
-        assert len(cache) <= 5
-    assert len(cache) == 5
+        assert len(cache) <= maxsize
+    assert len(cache) == maxsize
 
 
 def test_missing_documents_are_cached_too():
@@ -182,8 +194,9 @@ def test_errors_reach_every_waiter_and_are_not_cached():
     fetches.answer()
 
 
-def test_a_zero_size_cache_stores_nothing():
-    cache, clock, fetches, feeds = make(maxsize=0)
+@pytest.mark.parametrize("bound", [{"maxsize": 0}, {"max_bytes": 0}], ids=["zero-entries", "zero-bytes"])
+def test_a_zero_size_cache_is_off_and_stores_nothing(bound):
+    cache, clock, fetches, feeds = make(**bound)
     assert not cache.enabled
     lookup(cache)
     fetches.answer()
@@ -261,12 +274,10 @@ def test_a_one_entry_cache_works():
 
 
 def test_a_fetch_that_fails_at_once_fails_its_lookup_instead_of_hanging():
-    clock, feeds = Clock(), Feeds()
-
     async def failing_at_once(db: str, docid: str) -> Any:
         raise UpstreamError("connect", "refused before any wait")
 
-    cache = DocumentCache(failing_at_once, FIELD, feeds, clock, maxsize=100, ttl=60)
+    cache, *_ = make(fetch=failing_at_once)
     failed = lookup(cache)
     assert failed.called, "the lookup hangs"
     assert isinstance(failed.result.value, UpstreamError)
@@ -275,12 +286,10 @@ def test_a_fetch_that_fails_at_once_fails_its_lookup_instead_of_hanging():
 
 
 def test_a_fetch_that_answers_at_once_answers_its_lookup():
-    clock, feeds = Clock(), Feeds()
-
     async def answering_at_once(db: str, docid: str) -> Any:
         return {"_id": docid, "_rev": "1-a", "download_token": "t"}
 
-    cache = DocumentCache(answering_at_once, FIELD, feeds, clock, maxsize=100, ttl=60)
+    cache, *_ = make(fetch=answering_at_once)
     found = lookup(cache)
     assert found.called and found.result.accepts(b"t")
 
@@ -305,8 +314,7 @@ def big_document(docid: str, attachments: int) -> dict:
 
 
 def test_the_cache_never_holds_more_bytes_than_its_bound():
-    clock, fetches, feeds = Clock(), Fetches(), Feeds()
-    cache = DocumentCache(fetches, FIELD, feeds, clock, maxsize=1000, ttl=60, max_bytes=200_000)
+    cache, clock, fetches, feeds = make(maxsize=1000, max_bytes=200_000)
     for i in range(20):
         lookup(cache, f"d{i}")
         fetches.answer(("db", f"d{i}"), big_document(f"d{i}", 200))  # ~60 kB each
@@ -317,30 +325,11 @@ def test_the_cache_never_holds_more_bytes_than_its_bound():
 
 
 def test_an_entry_larger_than_the_whole_bound_is_not_kept():
-    clock, fetches, feeds = Clock(), Fetches(), Feeds()
-    cache = DocumentCache(fetches, FIELD, feeds, clock, maxsize=1000, ttl=60, max_bytes=10_000)
+    cache, clock, fetches, feeds = make(maxsize=1000, max_bytes=10_000)
     first = lookup(cache)
     fetches.answer(("db", "doc"), big_document("doc", 500))
     assert first.result.accepts(b"t")  # answered, just not kept
     assert len(cache) == 0 and cache.bytes_held == 0
-    lookup(cache)
-    assert fetches.count == 2
-
-
-def test_the_entry_bound_still_holds_under_the_byte_bound():
-    cache, clock, fetches, feeds = make(maxsize=3)
-    for i in range(10):
-        lookup(cache, f"d{i}")
-        fetches.answer(("db", f"d{i}"))
-    assert len(cache) == 3
-
-
-def test_zero_bytes_turns_the_cache_off():
-    clock, fetches, feeds = Clock(), Fetches(), Feeds()
-    cache = DocumentCache(fetches, FIELD, feeds, clock, maxsize=1000, ttl=60, max_bytes=0)
-    assert not cache.enabled
-    lookup(cache)
-    fetches.answer()
     lookup(cache)
     assert fetches.count == 2
 

@@ -8,7 +8,6 @@ import gzip
 import hashlib
 import os
 import shutil
-import socket
 import subprocess
 import time
 import urllib.request
@@ -23,6 +22,7 @@ from couchtoken.upstream import diskcache
 from couchtoken.upstream.diskfiles import DATA, MARKER_NAME, MAX_HEADER, TMP, Header, file_name
 from tests.faultproxy import Fault
 from tests.http import fetch as http_fetch
+from tests.http import start_download
 from tests.ops.test_operations import metric
 from tests.twistproc import TwistProcess, rss_bytes
 from tests.upstream.test_cache import HEARTBEAT, attachment_requests, until_status, warm
@@ -87,14 +87,19 @@ async def disk_service(start, directory, **options):
     return service
 
 
+async def warm_disk_service(start, directory, db, attachment="movie.bin", **options):
+    """``disk_service`` with ``db`` followed and its ``doc`` cached: (the service, ``attachment``'s URL)."""
+    service = await disk_service(start, directory, **options)
+    await warm(service, db, attachment=attachment)
+    return service, service.url(db, "doc", attachment, TOKEN)
+
+
 @pytest_twisted.ensureDeferred
 async def test_hot_large_files_come_from_disk_byte_for_byte(start_service, admin, db, tmp_path):
     data = seed(admin, db, "movie.bin", content_type="video/mp4")
     assert couchdb_body(admin, db, "movie.bin") == data
-    service = await disk_service(start_service, tmp_path / "cache")
+    service, url = await warm_disk_service(start_service, tmp_path / "cache", db)
     disk = service.app.disk
-    await warm(service, db, attachment="movie.bin")
-    url = service.url(db, "doc", "movie.bin", TOKEN)
     first = await fetch(url)  # relayed from CouchDB, and written to disk on the way
     assert (first.status, first.body) == (200, data)
     assert (disk.fills, listing(tmp_path / "cache", TMP)) == (1, [])
@@ -150,9 +155,7 @@ async def test_hot_large_files_come_from_disk_byte_for_byte(start_service, admin
 @pytest_twisted.ensureDeferred
 async def test_a_changed_attachment_is_served_new_at_once(start_service, admin, db, tmp_path):
     old = seed(admin, db, data=os.urandom(MIB))
-    service = await disk_service(start_service, tmp_path / "cache")
-    await warm(service, db, attachment="movie.bin")
-    url = service.url(db, "doc", "movie.bin", TOKEN)
+    service, url = await warm_disk_service(start_service, tmp_path / "cache", db)
     await fetch(url)
     assert (await fetch(url)).body == old
     assert service.app.disk.hits == 1
@@ -175,9 +178,7 @@ async def test_a_changed_attachment_is_served_new_at_once(start_service, admin, 
 @pytest_twisted.ensureDeferred
 async def test_a_revoked_token_gets_403_for_a_cached_file(start_service, admin, db, tmp_path):
     data = seed(admin, db)
-    service = await disk_service(start_service, tmp_path / "cache")
-    await warm(service, db, attachment="movie.bin")
-    url = service.url(db, "doc", "movie.bin", TOKEN)
+    service, url = await warm_disk_service(start_service, tmp_path / "cache", db)
     await fetch(url)
     assert (await fetch(url)).body == data  # from disk
     document = admin.get(db, "doc")
@@ -189,22 +190,12 @@ async def test_a_revoked_token_gets_403_for_a_cached_file(start_service, admin, 
     assert service.app.disk.hits == hits + 1  # the file itself was still good
 
 
-def _start_download(port, path):
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
-    sock.connect(("127.0.0.1", port))
-    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-    return sock
-
-
 @pytest_twisted.ensureDeferred
 async def test_a_cut_first_download_leaves_no_file_and_the_next_one_fills(start_service, admin, db, tmp_path):
     data = seed(admin, db)
     cache = tmp_path / "cache"
-    service = await disk_service(start_service, cache)
+    service, url = await warm_disk_service(start_service, cache, db)
     disk = service.app.disk
-    await warm(service, db, attachment="movie.bin")
-    url = service.url(db, "doc", "movie.bin", TOKEN)
     # CouchDB's connection breaks mid-body.
     service.proxy.fault = Fault("cut", matches=lambda target: "movie.bin" in target, after=MIB)
     with pytest.raises(Exception):  # noqa: B017 - the client sees a broken body, whatever its class
@@ -214,7 +205,7 @@ async def test_a_cut_first_download_leaves_no_file_and_the_next_one_fills(start_
     service.proxy.fault = None
     # The client goes away mid-body.
     port = int(service.base_url.rsplit(":", 1)[1])
-    sock = await threads.deferToThread(_start_download, port, f"/{db}/doc/movie.bin?token={TOKEN}")
+    sock = await threads.deferToThread(start_download, port, f"/{db}/doc/movie.bin?token={TOKEN}")
     await threads.deferToThread(sock.recv, 65536)
     sock.close()
     assert await wait_until(lambda: disk.fill_failures == 2, 5)
@@ -231,11 +222,9 @@ async def test_a_cut_first_download_leaves_no_file_and_the_next_one_fills(start_
 async def test_several_clients_of_a_cold_file_share_one_fill(start_service, admin, db, tmp_path):
     data = seed(admin, db, data=os.urandom(MIB))
     cache = tmp_path / "cache"
-    service = await disk_service(start_service, cache)
-    await warm(service, db, attachment="movie.bin")
+    service, url = await warm_disk_service(start_service, cache, db)
     # Slow CouchDB down so that the four downloads overlap.
     service.proxy.fault = Fault("throttle", matches=lambda target: "movie.bin" in target, rate=4 * MIB)
-    url = service.url(db, "doc", "movie.bin", TOKEN)
     replies = await DeferredList([ensureDeferred(fetch(url)) for _ in range(4)], consumeErrors=True)
     assert all(ok and reply.body == data for ok, reply in replies)
     disk = service.app.disk
@@ -247,10 +236,8 @@ async def test_several_clients_of_a_cold_file_share_one_fill(start_service, admi
 async def test_a_file_of_the_wrong_size_is_refetched_never_served(start_service, admin, db, tmp_path, damage):
     data = seed(admin, db)
     cache = tmp_path / "cache"
-    service = await disk_service(start_service, cache)
+    service, url = await warm_disk_service(start_service, cache, db)
     disk = service.app.disk
-    await warm(service, db, attachment="movie.bin")
-    url = service.url(db, "doc", "movie.bin", TOKEN)
     await fetch(url)
     (name,) = listing(cache, DATA)
     path = os.path.join(cache, DATA, name)
@@ -298,10 +285,8 @@ async def test_a_read_failure_mid_file_is_finished_from_couchdb(
 ):
     data = seed(admin, db)
     cache = tmp_path / "cache"
-    service = await disk_service(start_service, cache)
+    service, url = await warm_disk_service(start_service, cache, db)
     disk = service.app.disk
-    await warm(service, db, attachment="movie.bin")
-    url = service.url(db, "doc", "movie.bin", TOKEN)
     await fetch(url)
     FakeFailingReads(monkeypatch, cache, how)
     before = len(attachment_requests(service, db))
@@ -320,10 +305,8 @@ async def test_a_read_failure_mid_file_is_finished_from_couchdb(
 async def test_a_missing_directory_falls_back_and_comes_back(start_service, admin, db, tmp_path):
     data = seed(admin, db)
     cache = tmp_path / "cache"
-    service = await disk_service(start_service, cache)
+    service, url = await warm_disk_service(start_service, cache, db)
     disk = service.app.disk
-    await warm(service, db, attachment="movie.bin")
-    url = service.url(db, "doc", "movie.bin", TOKEN)
     await fetch(url)
     shutil.rmtree(cache)
     assert (await fetch(url)).body == data  # from CouchDB, and filled into a new directory
@@ -393,10 +376,8 @@ def full_disk(request, tmp_path, monkeypatch):
 async def test_a_full_disk_falls_back_to_couchdb(start_service, admin, db, full_disk):
     data = seed(admin, db, data=os.urandom(2 * MIB))
     fits = seed(admin, db, "fits.bin", os.urandom(600 * 1024))
-    service = await disk_service(start_service, full_disk)
+    service, url = await warm_disk_service(start_service, full_disk, db)
     disk = service.app.disk
-    await warm(service, db, attachment="movie.bin")
-    url = service.url(db, "doc", "movie.bin", TOKEN)
     for attempt in (1, 2):
         assert (await fetch(url)).body == data  # whole, though its fill failed
         assert (disk.fill_failures, disk.fallbacks, disk.fills) == (attempt, attempt, 0)
@@ -412,9 +393,8 @@ async def test_a_full_disk_falls_back_to_couchdb(start_service, admin, db, full_
 async def test_a_restart_keeps_the_cache(service_starter, admin, db, tmp_path):
     data = seed(admin, db)
     cache = tmp_path / "cache"
-    first = await disk_service(service_starter.start, cache)
-    await warm(first, db, attachment="movie.bin")
-    await fetch(first.url(db, "doc", "movie.bin", TOKEN))
+    first, url = await warm_disk_service(service_starter.start, cache, db)
+    await fetch(url)
     await service_starter.stop(first)
     second = await disk_service(service_starter.start, cache)
     assert (len(second.app.disk), second.app.disk.bytes_held) == (1, first.app.disk.bytes_held)
@@ -475,9 +455,7 @@ async def test_a_foreign_directory_is_left_alone_and_the_disk_cache_is_off(
 async def test_a_database_deleted_during_a_gap_drops_its_files(start_service, admin, db, tmp_path):
     seed(admin, db)
     cache = tmp_path / "cache"
-    service = await disk_service(start_service, cache)
-    await warm(service, db, attachment="movie.bin")
-    url = service.url(db, "doc", "movie.bin", TOKEN)
+    service, url = await warm_disk_service(start_service, cache, db)
     await fetch(url)
     assert len(listing(cache, DATA)) == 1
     service.proxy.outage()
@@ -499,9 +477,7 @@ async def test_a_database_deleted_under_a_live_feed_refuses_its_cached_files(
     """On both servers: CouchDB ends the feed; on PouchDB Server the feed's database check notices."""
     data = seed(admin, db)
     cache = tmp_path / "cache"
-    service = await disk_service(start_service, cache)
-    await warm(service, db, attachment="movie.bin")
-    url = service.url(db, "doc", "movie.bin", TOKEN)
+    service, url = await warm_disk_service(start_service, cache, db)
     assert (await fetch(url)).body == data
     admin.delete_db(db)
     try:
@@ -518,10 +494,8 @@ async def test_a_compressible_attachment_is_kept_as_its_identity_bytes(start_ser
     stubs = admin.json("GET", admin.doc_path(db, "doc") + "?att_encoding_info=true")["_attachments"]
     compressed = stubs["log.txt"].get("encoding") == "gzip"  # a plain GET does not say (CouchDB does it)
     cache = tmp_path / "cache"
-    service = await disk_service(start_service, cache)
+    service, url = await warm_disk_service(start_service, cache, db, "log.txt")
     disk = service.app.disk
-    await warm(service, db, attachment="log.txt")
-    url = service.url(db, "doc", "log.txt", TOKEN)
     gzipped = await fetch(url, headers={"Accept-Encoding": "gzip"})
     if compressed:  # passed through as CouchDB sent it, and not kept: the file holds identity bytes
         assert gzipped.header("content-encoding") == "gzip"
@@ -543,11 +517,10 @@ async def test_a_compressible_attachment_is_kept_as_its_identity_bytes(start_ser
 @pytest_twisted.ensureDeferred
 async def test_a_client_that_stops_reading_a_cached_file_is_cut(start_service, admin, db, tmp_path):
     seed(admin, db, data=os.urandom(16 * MIB))
-    service = await disk_service(start_service, tmp_path / "cache", idle_timeout=1.0)
-    await warm(service, db, attachment="movie.bin")
-    await fetch(service.url(db, "doc", "movie.bin", TOKEN))
+    service, url = await warm_disk_service(start_service, tmp_path / "cache", db, idle_timeout=1.0)
+    await fetch(url)
     port = int(service.base_url.rsplit(":", 1)[1])
-    stuck = await threads.deferToThread(_start_download, port, f"/{db}/doc/movie.bin?token={TOKEN}")
+    stuck = await threads.deferToThread(start_download, port, f"/{db}/doc/movie.bin?token={TOKEN}")
     try:
         assert await wait_until(lambda: service.app.disk.hits == 1, 5)
         started = time.monotonic()
@@ -582,7 +555,7 @@ def test_twenty_slow_clients_of_a_cached_file_keep_memory_flat(couch_server, adm
             assert time.monotonic() < deadline, "the file was never filled"
             time.sleep(0.1)
         before = rss_bytes(service.process.pid)
-        readers = [_start_download(service.port, path) for _ in range(20)]
+        readers = [start_download(service.port, path) for _ in range(20)]
         read = 0
         deadline = time.monotonic() + 6
         while time.monotonic() < deadline:
@@ -610,10 +583,8 @@ def test_twenty_slow_clients_of_a_cached_file_keep_memory_flat(couch_server, adm
 async def test_a_range_for_the_whole_file_fills_and_smaller_ones_do_not(start_service, admin, db, tmp_path):
     """A video player's first request is ``Range: bytes=0-``."""
     data = seed(admin, db, content_type="video/mp4")
-    service = await disk_service(start_service, tmp_path / "cache")
+    service, url = await warm_disk_service(start_service, tmp_path / "cache", db)
     disk = service.app.disk
-    await warm(service, db, attachment="movie.bin")
-    url = service.url(db, "doc", "movie.bin", TOKEN)
     part = await fetch(url, headers={"Range": "bytes=0-999"})
     assert (part.status, part.body, disk.fills) == (206, data[:1000], 0)
     whole = await fetch(url, headers={"Range": "bytes=0-"})

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import subprocess
 import time
@@ -30,6 +29,7 @@ from twisted.internet.task import deferLater
 from couchtoken.web.h2 import GuardedH2Connection
 from tests.faultproxy import Fault
 from tests.h2client import H2Client
+from tests.seeding import random_attachment_db
 from tests.tlscert import ssl_port
 from tests.tools import require_curl_with_http2, require_tool
 from tests.twistproc import TwistProcess, rss_bytes
@@ -141,14 +141,9 @@ async def test_curl_over_http2_gets_the_route_and_http1_still_works(tls_service,
 @pytest.fixture(scope="module")
 def large(admin):
     """A database with a 24 MiB attachment (stored once per module: PouchDB takes a while)."""
-    name = f"ct-h2-{os.getpid()}"
-    admin.create_db(name)
-    data = os.urandom(LARGE_SIZE)
-    admin.put(name, "doc", {"download_token": TOKEN})
-    admin.put_attachment(name, "doc", "large.bin", data, "application/octet-stream")
-    admin.put_attachment(name, "doc", "small.txt", SMALL, "text/plain")
-    yield name, hashlib.sha256(data).hexdigest()
-    admin.delete_db(name)
+    yield from random_attachment_db(
+        admin, "ct-h2", TOKEN, "large.bin", LARGE_SIZE, others={"small.txt": (SMALL, "text/plain")}
+    )
 
 
 def _path(db: str, attachment: str, token: str = TOKEN) -> str:

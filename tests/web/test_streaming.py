@@ -12,7 +12,7 @@ from twisted.internet import threads
 from twisted.web.client import ResponseFailed
 
 from tests.faultproxy import Fault
-from tests.http import fetch
+from tests.http import fetch, start_download
 from tests.twistproc import TwistProcess, rss_bytes
 
 TOKEN = "tok"
@@ -28,14 +28,6 @@ def big_attachment(admin):
     admin.put_attachment(name, "movie", "movie.bin", os.urandom(BIG), "video/mp4")
     yield name
     admin.delete_db(name)
-
-
-def _start_download(port: int, path: str, rcvbuf: int = 65536) -> socket.socket:
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    sock.connect(("127.0.0.1", port))
-    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-    return sock
 
 
 def _read_slowly(sock: socket.socket, rate: int, seconds: float) -> int:
@@ -55,11 +47,11 @@ def test_a_slow_client_keeps_the_service_memory_flat(big_attachment, couch_serve
     service.start()
     try:
         path = f"/{big_attachment}/movie/movie.bin?token={TOKEN}"
-        warm = _start_download(service.port, path)  # warm up imports, pools and buffers
+        warm = start_download(service.port, path)  # warm up imports, pools and buffers
         warm.close()
         time.sleep(0.5)
         before = rss_bytes(service.process.pid)
-        sock = _start_download(service.port, path)
+        sock = start_download(service.port, path)
         read = _read_slowly(sock, rate=100_000, seconds=6)
         after = rss_bytes(service.process.pid)
         sock.close()
@@ -79,7 +71,7 @@ def test_a_slow_client_keeps_the_service_memory_flat(big_attachment, couch_serve
 async def test_a_client_that_goes_away_releases_the_upstream_connection(service, big_attachment):
     port = int(service.base_url.rsplit(":", 1)[1])
     path = f"/{big_attachment}/movie/movie.bin?token={TOKEN}"
-    sock = await threads.deferToThread(_start_download, port, path)
+    sock = await threads.deferToThread(start_download, port, path)
     await threads.deferToThread(sock.recv, 65536)
     carrying = service.proxy.connections_for("movie.bin")
     assert len(carrying) == 1

@@ -14,6 +14,7 @@ from couchtoken.access.names import AttachmentPath
 from couchtoken.upstream.blobs import BlobCache, BlobKey
 from couchtoken.upstream.client import CouchDBClient, UpstreamError
 from couchtoken.upstream.diskcache import DiskCache, DiskFill
+from couchtoken.web.abort import abort_response
 from couchtoken.web.answers import HTTPAnswer
 from couchtoken.web.conditional import UNSATISFIABLE, choose_range, none_match
 from couchtoken.web.filesend import FileReadError, send_file
@@ -282,9 +283,7 @@ class Delivery:
                 detail=exc.detail,
             )
             self._metrics.upstream_errors.labels(exc.kind).inc()
-            transport = getattr(request, "transport", None)
-            if transport is not None:
-                transport.abortConnection()
+            abort_response(request)  # the connection, or over HTTP/2 the stream only
             await Deferred()  # cancelled when the connection is gone
         finally:
             if release is not None:

@@ -30,6 +30,7 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.web.iweb import IRequest
 from zope.interface import implementer
 
+from couchtoken.web.abort import abort_response
 from couchtoken.web.idle import IdleCut
 
 CHUNK = 64 * 1024
@@ -129,9 +130,7 @@ class FileSend:
         self.done.errback(FileReadError(self._sent, why))
 
     def _abort_client(self) -> None:
-        transport = getattr(self._request, "transport", None)
-        if transport is not None:
-            transport.abortConnection()
+        abort_response(self._request)  # the connection, or over HTTP/2 the stream only
 
     @staticmethod
     def _cancel_call(call: Any) -> None:

@@ -17,6 +17,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import threads
 from twisted.internet.defer import DeferredList, ensureDeferred
+from twisted.web.client import ResponseFailed
 
 from couchtoken.upstream import diskcache
 from couchtoken.upstream.diskfiles import DATA, MARKER_NAME, MAX_HEADER, TMP, Header, file_name
@@ -299,6 +300,24 @@ async def test_a_read_failure_mid_file_is_finished_from_couchdb(
     ranged = await fetch(url, headers={"Range": "bytes=100000-1999999"})
     assert (ranged.status, ranged.body) == (206, data[100000:2000000])
     assert disk.fallbacks == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_read_failure_that_couchdb_cannot_finish_breaks_the_response_off(
+    start_service, admin, db, tmp_path, monkeypatch
+):
+    """The headers are sent: a body CouchDB cannot finish must not look complete."""
+    seed(admin, db)
+    cache = tmp_path / "cache"
+    service, url = await warm_disk_service(start_service, cache, db)
+    await fetch(url)
+    FakeFailingReads(monkeypatch, cache, "error")
+    service.proxy.fault = Fault("reset", matches=lambda target: "movie.bin" in target)
+    with pytest.raises(ResponseFailed):
+        await fetch(url)
+    assert await wait_until(lambda: len(service.app.app.in_flight.active) == 0, 5)
+    service.proxy.fault = None
+    assert (await fetch(url)).status == 200
 
 
 @pytest_twisted.ensureDeferred

@@ -29,10 +29,12 @@ from twisted.internet.task import deferLater
 from couchtoken.web.h2 import GuardedH2Connection
 from tests.faultproxy import Fault
 from tests.h2client import H2Client
+from tests.http import fetch
 from tests.seeding import random_attachment_db
 from tests.tlscert import ssl_port
 from tests.tools import require_curl_with_http2, require_tool
 from tests.twistproc import TwistProcess, rss_bytes
+from tests.upstream.test_disk_cache import FakeFailingReads
 from tests.waiting import wait_until
 
 TOKEN = "h2-token"
@@ -454,6 +456,61 @@ async def test_an_upstream_dying_mid_body_resets_only_that_stream(tls_service, l
     finally:
         client.close()
     assert await wait_until(lambda: not tls_service.plain.app.app.in_flight.active, 5)
+
+
+async def _cached_on_disk(service: TLSService, db: str) -> None:
+    """Download large.bin once over HTTP/1.1 and wait until its disk cache file is in place."""
+    url = service.plain.url(db, "doc", "large.bin", TOKEN)
+    await fetch(url, "HEAD")  # the token check, so that the next download fills
+    assert len((await fetch(url)).body) == LARGE_SIZE
+    disk = service.plain.app.disk
+    assert await wait_until(lambda: disk.fills == 1, 10), "the file was never filled"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stalled_stream_of_a_file_on_disk_is_reset_when_idle(start_tls_service, large, tmp_path):
+    db, _ = large
+    service = await start_tls_service(idle_timeout=2.0, disk_cache_dir=str(tmp_path / "cache"))
+    await _cached_on_disk(service, db)
+    client = await _in_thread(H2Client, service.port)
+    try:
+        slow = client.get(_path(db, "large.bin"))
+        client.stalled.add(slow)
+        assert await _in_thread(client.until, lambda: len(client.streams[slow].body) >= 65535, 10)
+        assert service.plain.app.disk.hits == 1
+        assert await _in_thread(client.until, lambda: client.streams[slow].reset is not None, 10), (
+            "a stream that reads nothing of a file on disk is never cut"
+        )
+        again = client.get(_path(db, "small.txt"))
+        assert await _in_thread(client.until, lambda: client.done(again), 10)
+        assert client.streams[again].status == 200
+    finally:
+        client.close()
+    assert await wait_until(lambda: not service.plain.app.app.in_flight.active, 5)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_file_on_disk_that_couchdb_cannot_finish_resets_its_stream(
+    start_tls_service, large, tmp_path, monkeypatch
+):
+    db, _ = large
+    service = await start_tls_service(disk_cache_dir=str(tmp_path / "cache"))
+    await _cached_on_disk(service, db)
+    FakeFailingReads(monkeypatch, tmp_path / "cache", "error")
+    service.plain.proxy.fault = Fault("reset", matches=lambda target: "large.bin" in target)
+    client = await _in_thread(H2Client, service.port)
+    try:
+        broken = client.get(_path(db, "large.bin"))
+        assert await _in_thread(client.until, lambda: client.streams[broken].reset is not None, 10), (
+            "the stream neither ends nor is reset: the client waits for ever"
+        )
+        assert len(client.streams[broken].body) < LARGE_SIZE
+        fine = client.get(_path(db, "small.txt"))
+        assert await _in_thread(client.until, lambda: client.done(fine), 10)
+        assert (client.streams[fine].status, bytes(client.streams[fine].body)) == (200, SMALL)
+    finally:
+        client.close()
+    assert await wait_until(lambda: not service.plain.app.app.in_flight.active, 5)
 
 
 @pytest_twisted.ensureDeferred

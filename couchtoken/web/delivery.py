@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any, NoReturn
 
-from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.web.iweb import UNKNOWN_LENGTH, IRequest, IResponse
 from werkzeug.http import parse_accept_header
@@ -14,7 +13,7 @@ from couchtoken.access.names import AttachmentPath
 from couchtoken.upstream.blobs import BlobCache, BlobKey
 from couchtoken.upstream.client import CouchDBClient, UpstreamError
 from couchtoken.upstream.diskcache import DiskCache, DiskFill
-from couchtoken.web.abort import abort_response
+from couchtoken.web.abort import break_off
 from couchtoken.web.answers import HTTPAnswer
 from couchtoken.web.conditional import UNSATISFIABLE, choose_range, none_match
 from couchtoken.web.filesend import FileReadError, send_file
@@ -283,8 +282,7 @@ class Delivery:
                 detail=exc.detail,
             )
             self._metrics.upstream_errors.labels(exc.kind).inc()
-            abort_response(request)  # the connection, or over HTTP/2 the stream only
-            await Deferred()  # cancelled when the connection is gone
+            await break_off(request)  # the connection, or over HTTP/2 the stream only
         finally:
             if release is not None:
                 release()  # the CouchDB request slot (--max-connections) is free again

@@ -14,7 +14,7 @@ from fnmatch import fnmatchcase
 from typing import Any
 
 from klein import Klein
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import NotFound
@@ -24,7 +24,7 @@ from couchtoken.access.names import AttachmentPath, BadPath, parse_download_path
 from couchtoken.access.throttle import Attempt, GuessThrottle, Throttled
 from couchtoken.upstream.cache import DocumentCache
 from couchtoken.upstream.client import UpstreamError
-from couchtoken.web.abort import abort_response
+from couchtoken.web.abort import break_off
 from couchtoken.web.answers import HTTPAnswer, forbidden, set_common_headers, write_answer
 from couchtoken.web.credentials import Credential, read_credential
 from couchtoken.web.delivery import Delivery, StaleRevision
@@ -109,8 +109,7 @@ class DownloadApp:
             self._log.failure("Unexpected error while serving a download")
             if request.startedWriting:
                 # Too late for an error status: break the response off.
-                abort_response(request)
-                return await Deferred()  # cancelled when the connection is gone
+                await break_off(request)
             return write_answer(request, HTTPAnswer(500, "internal_error", "internal error"))
         finally:
             self.in_flight.done(request)

@@ -380,12 +380,8 @@ class CouchDBClient:
             response = await self._request(
                 f"/{encode_segment(db)}", what="a database request", accept=b"application/json"
             )
-            if response.code == 404:
-                await self.discard(response)
+            if not await self._found(response):
                 return None
-            if response.code != 200:
-                await self.discard(response)
-                raise _status_error(response.code)
             return (await self._read_object(response, "database info")).get("update_seq")
         finally:
             release()
@@ -401,12 +397,8 @@ class CouchDBClient:
             response = await self._request(
                 f"/{encode_segment(db)}/_changes", query, what="a changes request", accept=b"application/json"
             )
-            if response.code == 404:
-                await self.discard(response)
+            if not await self._found(response):
                 return None
-            if response.code != 200:
-                await self.discard(response)
-                raise _status_error(response.code)
             found = await self._read_object(response, "changes answer")
         finally:
             release()

@@ -18,7 +18,6 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import DeferredList, ensureDeferred
-from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
@@ -55,14 +54,6 @@ def cluster_db(cluster):
     admin.put_attachment(name, "doc", "f.bin", BODY, "application/octet-stream")
     yield name
     admin.delete_db(name)
-
-
-async def _ops(service, path: str):
-    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(service.app.ops_site)
-    try:
-        return await fetch(f"http://127.0.0.1:{port.getHost().port}{path}")
-    finally:
-        await port.stopListening()
 
 
 @pytest_twisted.ensureDeferred
@@ -104,9 +95,9 @@ async def test_downloads_survive_the_death_of_the_node_in_use(
     failed_near = [o for o in outcomes if o[2] != 200]
     assert len(failed_near) <= 6 * 2, counts
     assert counts[200] > 50
-    health = (await _ops(service, "/_health")).json()
+    health = (await fetch(f"{service.ops_url}/_health")).json()
     assert [n["state"] for n in health["nodes"]] == ["down", "up", "up"]
-    metrics = (await _ops(service, "/_metrics")).body.decode()
+    metrics = (await fetch(f"{service.ops_url}/_metrics")).body.decode()
     assert "couchtoken_upstream_failovers_total 1.0" in metrics
 
 

@@ -11,7 +11,6 @@ from urllib.parse import quote
 
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.endpoints import TCP4ServerEndpoint
 
 from tests.faultproxy import FaultProxy
 from tests.http import fetch
@@ -42,12 +41,8 @@ def _downloads(proxy: FaultProxy) -> int:
 
 
 async def _details(service) -> dict:
-    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(service.app.ops_site)
-    try:
-        health = (await fetch(f"http://127.0.0.1:{port.getHost().port}/_health")).json()
-        metrics = (await fetch(f"http://127.0.0.1:{port.getHost().port}/_metrics")).body.decode()
-    finally:
-        await port.stopListening()
+    health = (await fetch(f"{service.ops_url}/_health")).json()
+    metrics = (await fetch(f"{service.ops_url}/_metrics")).body.decode()
     return {"health": health, "metrics": metrics}
 
 

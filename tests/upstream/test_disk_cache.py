@@ -498,10 +498,17 @@ async def test_a_database_deleted_under_a_live_feed_refuses_its_cached_files(
     cache = tmp_path / "cache"
     service, url = await warm_disk_service(start_service, cache, db)
     assert (await fetch(url)).body == data
+    await deleting_drops_the_files(admin, db, url, cache, within=10)
+
+
+async def deleting_drops_the_files(admin, db, url, cache, within):
+    """Delete ``db``: its cached file must be refused within 2 s and gone from disk within ``within``."""
     admin.delete_db(db)
     try:
         assert await until_status(url, 403, 2.0) is not None, "a deleted database's file is still served"
-        assert await wait_until(lambda: listing(cache, DATA) == [], 10), "the deleted database's file stays"
+        assert await wait_until(lambda: listing(cache, DATA) == [], within), (
+            "the deleted database's file stays"
+        )
     finally:
         admin.create_db(db)  # the fixture deletes it
 

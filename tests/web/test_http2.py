@@ -444,10 +444,15 @@ async def test_an_idle_connection_goes_away_however_often_it_pings(tls_service, 
 async def test_an_upstream_dying_mid_body_resets_only_that_stream(tls_service, large):
     db, _ = large
     tls_service.plain.proxy.fault = Fault("cut", matches=lambda target: "large.bin" in target, after=300_000)
-    client = await _in_thread(H2Client, tls_service.port)
+    await _large_is_reset_and_others_served(tls_service, db)
+
+
+async def _large_is_reset_and_others_served(service: TLSService, db: str) -> None:
+    """large.bin's stream is reset (not ended as if complete); the next stream is served; nothing stays."""
+    client = await _in_thread(H2Client, service.port)
     try:
         broken = client.get(_path(db, "large.bin"))
-        assert await _in_thread(client.until, lambda: client.done(broken), 10)
+        assert await _in_thread(client.until, lambda: client.done(broken), 10), "the client waits for ever"
         assert client.streams[broken].reset is not None
         assert len(client.streams[broken].body) < LARGE_SIZE
         fine = client.get(_path(db, "small.txt"))
@@ -455,7 +460,7 @@ async def test_an_upstream_dying_mid_body_resets_only_that_stream(tls_service, l
         assert (client.streams[fine].status, bytes(client.streams[fine].body)) == (200, SMALL)
     finally:
         client.close()
-    assert await wait_until(lambda: not tls_service.plain.app.app.in_flight.active, 5)
+    assert await wait_until(lambda: not service.plain.app.app.in_flight.active, 5)
 
 
 async def _cached_on_disk(service: TLSService, db: str) -> None:
@@ -498,19 +503,7 @@ async def test_a_file_on_disk_that_couchdb_cannot_finish_resets_its_stream(
     await _cached_on_disk(service, db)
     FakeFailingReads(monkeypatch, tmp_path / "cache", "error")
     service.plain.proxy.fault = Fault("reset", matches=lambda target: "large.bin" in target)
-    client = await _in_thread(H2Client, service.port)
-    try:
-        broken = client.get(_path(db, "large.bin"))
-        assert await _in_thread(client.until, lambda: client.streams[broken].reset is not None, 10), (
-            "the stream neither ends nor is reset: the client waits for ever"
-        )
-        assert len(client.streams[broken].body) < LARGE_SIZE
-        fine = client.get(_path(db, "small.txt"))
-        assert await _in_thread(client.until, lambda: client.done(fine), 10)
-        assert (client.streams[fine].status, bytes(client.streams[fine].body)) == (200, SMALL)
-    finally:
-        client.close()
-    assert await wait_until(lambda: not service.plain.app.app.in_flight.active, 5)
+    await _large_is_reset_and_others_served(service, db)
 
 
 @pytest_twisted.ensureDeferred

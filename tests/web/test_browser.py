@@ -22,6 +22,7 @@ import re
 import shutil
 import struct
 import subprocess
+import time
 import wave
 import zlib
 from typing import Any
@@ -150,41 +151,62 @@ def _need_chromium() -> None:
         pytest.skip("Chromium is not installed (apt-get install chromium)")
 
 
+def _dump_dom(command: list[str], out_dir, timeout: float = 90.0) -> str:
+    """Run Chromium with ``--dump-dom``; the DOM it printed.
+
+    Headless Chromium sometimes prints the whole DOM and then never exits (seen on
+    loaded CI machines).  The dump is complete once ``</html>`` is out, so the
+    process is stopped then rather than waited on; a page that never gets that
+    far is killed at ``timeout`` and its partial output returned.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stdout_path, stderr_path = out_dir / "stdout.html", out_dir / "stderr.txt"
+    with open(stdout_path, "wb") as stdout, open(stderr_path, "wb") as stderr:
+        process = subprocess.Popen(command, stdout=stdout, stderr=stderr)
+        deadline = time.monotonic() + timeout
+        dumped_at = None
+        try:
+            while process.poll() is None and time.monotonic() < deadline:
+                if dumped_at is None and b"</html>" in stdout_path.read_bytes():
+                    dumped_at = time.monotonic()
+                if dumped_at is not None and time.monotonic() - dumped_at > 2:
+                    break
+                time.sleep(0.1)
+        finally:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+    return stdout_path.read_text(errors="replace") + "\n" + stderr_path.read_text(errors="replace")[-2000:]
+
+
 async def _chromium_results(tmp_path, url: str, *extra: str) -> dict:
     """Load ``url`` in headless Chromium; what the page wrote into ``<pre id="results">``."""
-    command = [
-        CHROMIUM,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--autoplay-policy=no-user-gesture-required",
-        f"--user-data-dir={tmp_path / 'profile'}",
-        "--virtual-time-budget=8000",
-        *extra,
-        "--dump-dom",
-        url,
-    ]
-    try:
-        result = await threads.deferToThread(
-            subprocess.run, command, capture_output=True, text=True, timeout=90
-        )
-    except subprocess.TimeoutExpired:
-        # Seen once on a loaded CI machine: headless Chromium hung before loading anything.
-        # One more try, with a fresh profile; a page that really hangs fails the second time too.
-        command[command.index(f"--user-data-dir={tmp_path / 'profile'}")] = (
-            f"--user-data-dir={tmp_path / 'again'}"
-        )
-        result = await threads.deferToThread(
-            subprocess.run, command, capture_output=True, text=True, timeout=90
-        )
-    match = re.search(r'<pre id="results">(.*?)</pre>', result.stdout, re.S)
-    assert match, result.stdout[-2000:] + result.stderr[-2000:]
-    return json.loads(match.group(1).replace("&quot;", '"').replace("&amp;", "&"))
+    output = ""
+    for attempt in ("profile", "again"):
+        # A second try, with a fresh profile, only when the first printed no results:
+        # seen once on a loaded CI machine, Chromium hung before loading anything.
+        command = [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--autoplay-policy=no-user-gesture-required",
+            f"--user-data-dir={tmp_path / attempt}",
+            "--virtual-time-budget=8000",
+            *extra,
+            "--dump-dom",
+            url,
+        ]
+        output = await threads.deferToThread(_dump_dom, command, tmp_path / f"{attempt}-output")
+        match = re.search(r'<pre id="results">(.*?)</pre>', output, re.S)
+        if match:
+            return json.loads(match.group(1).replace("&quot;", '"').replace("&amp;", "&"))
+    raise AssertionError(f"no results from Chromium: {output[-4000:]}")
 
 
 async def _run_page(root: Resource, tmp_path) -> dict:

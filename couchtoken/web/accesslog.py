@@ -26,7 +26,7 @@ from twisted.logger import Logger
 from twisted.web import server
 
 from couchtoken.web.answers import HTTPAnswer, write_answer
-from couchtoken.web.channel import GuardedHTTPChannel
+from couchtoken.web.channel import GuardedHTTPChannel, RefusedRequest
 from couchtoken.web.connections import ConnectionLimit
 from couchtoken.web.h2 import NegotiatingChannel
 from couchtoken.web.inflight import InFlight
@@ -93,44 +93,55 @@ class LoggedRequest(server.Request):
         if self.path in _QUIET_PATHS:
             return
         duration = self._clock.seconds() - self._started
-        site: DownloadSite = self.site  # type: ignore[assignment]
-        if site.metrics is not None:
-            site.metrics.requests.labels(str(self.code)).inc()
-            site.metrics.bytes_sent.inc(self.sentLength)
-            site.metrics.duration.observe(duration)
-        fields = self._fields(duration, completed=result is None)
-        if site.log_format == "json":
-            _log.info("{line}", line=json.dumps(fields, separators=(",", ":")), **fields)
-        else:
-            _log.info("{line}", line=self._combined(fields), **fields)
-
-    def _fields(self, duration: float, completed: bool) -> dict[str, Any]:
-        referer = self.getHeader(b"referer")
-        agent = self.getHeader(b"user-agent")
-        return {
-            "client": getattr(self.getClientAddress(), "host", "-"),
-            "time": self._wall_started,
-            "method": printable(self.method),
-            "uri": redact_uri(self.uri),
-            "protocol": printable(self.clientproto),
-            "status": self.code,
-            "bytes": self.sentLength,
-            "referer": redact_uri(referer) if referer else None,
-            "user_agent": printable(agent) if agent else None,
-            "duration_ms": round(duration * 1000, 3),
-            "cache": self.cache_status,
-            "completed": completed,
-        }
-
-    @staticmethod
-    def _combined(f: dict[str, Any]) -> str:
-        stamp = time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(f["time"]))
-        line = (
-            f'{f["client"]} - - [{stamp}] "{f["method"]} {_quoted(f["uri"])} {f["protocol"]}" '
-            f'{f["status"]} {f["bytes"] or "-"} "{_quoted(f["referer"] or "-")}" '
-            f'"{_quoted(f["user_agent"] or "-")}" {f["duration_ms"]:.1f}ms cache={f["cache"]}'
+        fields = _fields(
+            self.getClientAddress(),
+            self._wall_started,
+            (self.method, self.uri, self.clientproto),
+            (self.getHeader(b"referer"), self.getHeader(b"user-agent")),
+            self.code,
+            self.sentLength,
+            duration,
         )
-        return line if f["completed"] else line + " aborted"
+        fields.update(cache=self.cache_status, completed=result is None)
+        self.site.record(fields, duration)  # type: ignore[attr-defined]
+
+
+def _fields(
+    peer: Any,
+    started: float,
+    line: tuple[bytes | None, bytes | None, bytes | None],
+    headers: tuple[bytes | None, bytes | None],
+    status: int,
+    sent: int,
+    duration: float,
+) -> dict[str, Any]:
+    """A request's access-log fields, each made safe to print; a part never received is ``-``."""
+    method, uri, protocol = line
+    referer, agent = headers
+    return {
+        "client": getattr(peer, "host", "-"),
+        "time": started,
+        "method": printable(method) if method else "-",
+        "uri": redact_uri(uri) if uri else "-",
+        "protocol": printable(protocol) if protocol else "-",
+        "status": status,
+        "bytes": sent,
+        "referer": redact_uri(referer) if referer else None,
+        "user_agent": printable(agent) if agent else None,
+        "duration_ms": round(duration * 1000, 3),
+        "cache": "-",
+        "completed": True,
+    }
+
+
+def _combined(f: dict[str, Any]) -> str:
+    stamp = time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(f["time"]))
+    line = (
+        f'{f["client"]} - - [{stamp}] "{f["method"]} {_quoted(f["uri"])} {f["protocol"]}" '
+        f'{f["status"]} {f["bytes"] or "-"} "{_quoted(f["referer"] or "-")}" '
+        f'"{_quoted(f["user_agent"] or "-")}" {f["duration_ms"]:.1f}ms cache={f["cache"]}'
+    )
+    return line if f["completed"] else line + " aborted"
 
 
 def _guarded_channel(site: DownloadSite) -> NegotiatingChannel:
@@ -174,6 +185,30 @@ class DownloadSite(server.Site):
 
     def connection_opened(self) -> None:
         self.connections.opened()
+
+    def record(self, fields: dict[str, Any], duration: float) -> None:
+        """One ended request: the metrics, and its access-log line."""
+        if self.metrics is not None:
+            self.metrics.requests.labels(str(fields["status"])).inc()
+            self.metrics.bytes_sent.inc(fields["bytes"])
+            self.metrics.duration.observe(duration)
+        if self.log_format == "json":
+            _log.info("{line}", line=json.dumps(fields, separators=(",", ":")), **fields)
+        else:
+            _log.info("{line}", line=_combined(fields), **fields)
+
+    def request_refused(self, refused: RefusedRequest) -> None:
+        """A request the HTTP/1.1 connection answered itself (408, 413, 414, 431): logged as any other."""
+        fields = _fields(
+            refused.peer,
+            time.time() - refused.duration,
+            (refused.method, refused.uri, refused.protocol),
+            (refused.referer, refused.user_agent),
+            refused.status,
+            refused.sent,
+            refused.duration,
+        )
+        self.record(fields, refused.duration)
 
     def connection_closed(self) -> None:
         self.connections.closed()

@@ -12,6 +12,8 @@
   ``Content-Length`` above 0, or ``Transfer-Encoding: chunked``) gets 413
   as soon as its headers are in, before any of the body is read (Twisted
   would otherwise read it all, spooling large ones to disk).
+- Each refusal is told to the Site (``request_refused``, when it has it), so
+  it reaches the access log and the metrics like any other answer.
 - The Site counts its open connections (``opened``/``closed`` on the
   factory, when it has them), so it can refuse new ones before the process
   runs out of file descriptors.
@@ -22,6 +24,8 @@ HTTP/2 has its own guarded connection (``couchtoken.web.h2``).
 from __future__ import annotations
 
 import json
+import time
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.web.http import HTTPChannel
@@ -40,6 +44,7 @@ class GuardedHTTPChannel(HTTPChannel):
     _lines = 0
     _header_bytes = 0
     _deadline: Any = None
+    _first_byte_at = 0.0
     _refused = False
     _counted = False
 
@@ -54,6 +59,7 @@ class GuardedHTTPChannel(HTTPChannel):
         # The clock starts at a request's first byte.  While a request is being
         # answered, Twisted only buffers what follows, and plays it back here.
         if data and self._deadline is None and not self._handlingRequest and not self._refused:
+            self._first_byte_at = time.monotonic()
             self._deadline = self.callLater(self.header_timeout, self._refuse, 408)
         super().dataReceived(data)
 
@@ -65,6 +71,7 @@ class GuardedHTTPChannel(HTTPChannel):
             super().lineReceived(line)
             return
         if self._deadline is None:
+            self._first_byte_at = time.monotonic()
             self._deadline = self.callLater(self.header_timeout, self._refuse, 408)
         if self._lines == 0 and len(line) > self.MAX_REQUEST_LINE:
             self._refuse(414)
@@ -108,7 +115,7 @@ class GuardedHTTPChannel(HTTPChannel):
         self._header_bytes = 0
 
     def _refuse(self, status: int) -> None:
-        """Answer ``status`` with a small JSON body and close the connection."""
+        """Answer ``status`` with a small JSON body, tell the Site, and close the connection."""
         self._deadline = None
         if self._refused:
             return
@@ -117,9 +124,46 @@ class GuardedHTTPChannel(HTTPChannel):
         body = json.dumps(
             {"error": reason.decode().lower().replace(" ", "_"), "reason": reason.decode()}
         ).encode()
-        self.transport.write(
+        answer = (
             b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
             b"Access-Control-Allow-Origin: *\r\nConnection: close\r\n\r\n%s"
             % (status, reason, len(body), body)
         )
+        self.transport.write(answer)
+        refused = getattr(self.factory, "request_refused", None)
+        if refused is not None:
+            refused(self.refused_request(status, len(answer)))
         self.loseConnection()
+
+    def refused_request(self, status: int, sent: int) -> RefusedRequest:
+        """What is known of the request being refused: its line and headers when they came whole."""
+        headers = self.requests[-1].requestHeaders if self.requests and hasattr(self, "_command") else None
+        return RefusedRequest(
+            peer=self.transport.getPeer(),
+            method=getattr(self, "_command", None),
+            uri=getattr(self, "_path", None),
+            protocol=getattr(self, "_version", None),
+            referer=headers.getRawHeaders(b"referer", [None])[0] if headers is not None else None,
+            user_agent=headers.getRawHeaders(b"user-agent", [None])[0] if headers is not None else None,
+            status=status,
+            sent=sent,
+            duration=time.monotonic() - self._first_byte_at if self._first_byte_at else 0.0,
+        )
+
+
+@dataclass(frozen=True)
+class RefusedRequest:
+    """A request the connection answered itself (408, 413, 414, 431): what the access log needs.
+
+    ``method``, ``uri`` and ``protocol`` are None when the request line never came whole.
+    """
+
+    peer: Any
+    method: bytes | None
+    uri: bytes | None
+    protocol: bytes | None
+    referer: bytes | None
+    user_agent: bytes | None
+    status: int
+    sent: int
+    duration: float

@@ -48,11 +48,18 @@ def _port(service) -> int:
     ],
     ids=["long-uri", "endless-uri", "huge-header", "many-headers"],
 )
-async def test_oversized_requests_get_414_or_431(service, raw, status):
+async def test_oversized_requests_get_414_or_431(service, logged, raw, status):
     answer = await threads.deferToThread(raw_exchange, _port(service), raw)
     assert answer.startswith(b"HTTP/1.1 %d " % status), answer[:200]
     assert b"Traceback" not in answer
     assert service.couchdb_targets() == []
+    (line,) = _access_lines(logged)
+    assert line["status"] == status and line["bytes"] == len(answer), line
+    assert "token=x" not in line["line"]
+
+
+def _access_lines(events) -> list[dict]:
+    return [e for e in events if e.get("log_namespace") == "couchtoken.access"]
 
 
 @pytest_twisted.ensureDeferred
@@ -77,6 +84,11 @@ async def test_a_request_body_is_refused_before_it_is_read(service, db, doc, log
     assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"] == "content_too_large"
     assert service.couchdb_targets() == []
     assert not any(e.get("log_failure") for e in logged)
+    # Logged as any answer, the token redacted.
+    (line,) = _access_lines(logged)
+    assert (line["status"], line["method"], line["protocol"]) == (413, method, "HTTP/1.1"), line
+    assert line["uri"] == f"/{db}/doc/f.txt?token=REDACTED" and TOKEN not in line["line"], line
+    assert line["line"].startswith("127.0.0.1 - - ["), line["line"]
     # Content-Length: 0 is no body.
     empty = (
         f"GET /{db}/doc/f.txt?token={TOKEN} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n"
@@ -99,7 +111,7 @@ async def test_header_injection_attempts_are_not_reflected(service, db, doc):
 
 
 @pytest_twisted.ensureDeferred
-async def test_slowloris_clients_are_cut_and_others_served(service, db, doc, monkeypatch):
+async def test_slowloris_clients_are_cut_and_others_served(service, db, doc, logged, monkeypatch):
     monkeypatch.setattr(GuardedHTTPChannel, "header_timeout", 1.0)
     port = _port(service)
 
@@ -132,6 +144,9 @@ async def test_slowloris_clients_are_cut_and_others_served(service, db, doc, mon
     assert time.monotonic() - started < 2
     answers = await trickling
     assert all(a.startswith(b"HTTP/1.1 408 ") for a in answers), {a[:40] for a in answers}
+    cut = [line for line in _access_lines(logged) if line["status"] == 408]
+    assert len(cut) == 50 and all(line["uri"] == "/db/doc/f" for line in cut), cut[:2]
+    assert all(1.0 <= line["duration_ms"] / 1000 < 5 for line in cut), [line["duration_ms"] for line in cut]
 
 
 @pytest_twisted.ensureDeferred
@@ -152,7 +167,7 @@ async def test_a_crowd_of_idle_connections_does_not_stop_others(service, db, doc
 
 @pytest_twisted.ensureDeferred
 @pytest.mark.parametrize("first", [b"", b"\r\n"], ids=["fresh", "after-a-stray-crlf"])
-async def test_a_request_line_trickled_without_an_end_is_cut(service, monkeypatch, first):
+async def test_a_request_line_trickled_without_an_end_is_cut(service, logged, monkeypatch, first):
     monkeypatch.setattr(GuardedHTTPChannel, "header_timeout", 1.0)
     port = _port(service)
 
@@ -173,6 +188,8 @@ async def test_a_request_line_trickled_without_an_end_is_cut(service, monkeypatc
     answer, seconds = await threads.deferToThread(trickle)
     assert answer.startswith(b"HTTP/1.1 408 "), answer[:80]
     assert seconds < 5
+    (line,) = _access_lines(logged)
+    assert (line["status"], line["method"], line["uri"]) == (408, "-", "-"), line
 
 
 def _readable(sock: socket.socket, seconds: float) -> bool:

@@ -19,6 +19,7 @@ from couchtoken.ops.tap import Options
 from tests.conftest import HEALTH_CHECKS
 from tests.faultproxy import Fault
 from tests.http import fetch, raw_exchange, start_download
+from tests.logs import access_lines
 from tests.waiting import wait_until
 
 TOKEN = "ops-token"
@@ -228,10 +229,6 @@ async def test_a_slow_but_reading_client_is_not_cut(start_service, db, doc):
 
 
 # -- Access-log formats -------------------------------------------------------------
-
-
-def access_lines(events):
-    return [e for e in events if e.get("log_namespace") == "couchtoken.access"]
 
 
 @pytest_twisted.ensureDeferred

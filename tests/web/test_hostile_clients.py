@@ -16,6 +16,7 @@ from couchtoken.web.channel import GuardedHTTPChannel
 from couchtoken.web.connections import ConnectionLimit, client_connection_limit
 from tests.faultproxy import Fault, FaultProxy
 from tests.http import fetch, raw_exchange
+from tests.logs import access_lines
 from tests.twistproc import TwistProcess
 
 TOKEN = "hostile-token"
@@ -53,13 +54,9 @@ async def test_oversized_requests_get_414_or_431(service, logged, raw, status):
     assert answer.startswith(b"HTTP/1.1 %d " % status), answer[:200]
     assert b"Traceback" not in answer
     assert service.couchdb_targets() == []
-    (line,) = _access_lines(logged)
+    (line,) = access_lines(logged)
     assert line["status"] == status and line["bytes"] == len(answer), line
     assert "token=x" not in line["line"]
-
-
-def _access_lines(events) -> list[dict]:
-    return [e for e in events if e.get("log_namespace") == "couchtoken.access"]
 
 
 @pytest_twisted.ensureDeferred
@@ -85,7 +82,7 @@ async def test_a_request_body_is_refused_before_it_is_read(service, db, doc, log
     assert service.couchdb_targets() == []
     assert not any(e.get("log_failure") for e in logged)
     # Logged as any answer, the token redacted.
-    (line,) = _access_lines(logged)
+    (line,) = access_lines(logged)
     assert (line["status"], line["method"], line["protocol"]) == (413, method, "HTTP/1.1"), line
     assert line["uri"] == f"/{db}/doc/f.txt?token=REDACTED" and TOKEN not in line["line"], line
     assert line["line"].startswith("127.0.0.1 - - ["), line["line"]
@@ -144,7 +141,7 @@ async def test_slowloris_clients_are_cut_and_others_served(service, db, doc, log
     assert time.monotonic() - started < 2
     answers = await trickling
     assert all(a.startswith(b"HTTP/1.1 408 ") for a in answers), {a[:40] for a in answers}
-    cut = [line for line in _access_lines(logged) if line["status"] == 408]
+    cut = [line for line in access_lines(logged) if line["status"] == 408]
     assert len(cut) == 50 and all(line["uri"] == "/db/doc/f" for line in cut), cut[:2]
     assert all(1.0 <= line["duration_ms"] / 1000 < 5 for line in cut), [line["duration_ms"] for line in cut]
 
@@ -188,7 +185,7 @@ async def test_a_request_line_trickled_without_an_end_is_cut(service, logged, mo
     answer, seconds = await threads.deferToThread(trickle)
     assert answer.startswith(b"HTTP/1.1 408 "), answer[:80]
     assert seconds < 5
-    (line,) = _access_lines(logged)
+    (line,) = access_lines(logged)
     assert (line["status"], line["method"], line["uri"]) == (408, "-", "-"), line
 
 

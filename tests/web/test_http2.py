@@ -30,6 +30,7 @@ from couchtoken.web.h2 import GuardedH2Connection
 from tests.faultproxy import Fault
 from tests.h2client import H2Client
 from tests.http import fetch
+from tests.logs import access_lines
 from tests.seeding import random_attachment_db
 from tests.tlscert import ssl_port
 from tests.tools import require_curl_with_http2, require_tool
@@ -134,7 +135,7 @@ async def test_curl_over_http2_gets_the_route_and_http1_still_works(tls_service,
     assert "access-control-allow-methods: get, head, options" in headers.lower()
     version, status, body, _ = await _curl("--http1.1", url)
     assert (version, status, body) == ("1.1", 200, SMALL)
-    lines = [e["line"] for e in logged if e.get("log_namespace") == "couchtoken.access"]
+    lines = [e["line"] for e in access_lines(logged)]
     assert any(' HTTP/2" 200 ' in line for line in lines), lines
     assert any(' HTTP/1.1" 200 ' in line for line in lines), lines
     assert not any(TOKEN in line for line in lines)

@@ -59,8 +59,7 @@ class GuardedHTTPChannel(HTTPChannel):
         # The clock starts at a request's first byte.  While a request is being
         # answered, Twisted only buffers what follows, and plays it back here.
         if data and self._deadline is None and not self._handlingRequest and not self._refused:
-            self._first_byte_at = time.monotonic()
-            self._deadline = self.callLater(self.header_timeout, self._refuse, 408)
+            self._start_header_clock()
         super().dataReceived(data)
 
     def lineReceived(self, line: bytes) -> None:
@@ -71,8 +70,7 @@ class GuardedHTTPChannel(HTTPChannel):
             super().lineReceived(line)
             return
         if self._deadline is None:
-            self._first_byte_at = time.monotonic()
-            self._deadline = self.callLater(self.header_timeout, self._refuse, 408)
+            self._start_header_clock()
         if self._lines == 0 and len(line) > self.MAX_REQUEST_LINE:
             self._refuse(414)
             return
@@ -106,6 +104,11 @@ class GuardedHTTPChannel(HTTPChannel):
             self._counted = False
             self.factory.connection_closed()
         super().connectionLost(reason)
+
+    def _start_header_clock(self) -> None:
+        """A request's first byte: its line and headers have ``header_timeout`` seconds from now."""
+        self._first_byte_at = time.monotonic()
+        self._deadline = self.callLater(self.header_timeout, self._refuse, 408)
 
     def _reset(self) -> None:
         if self._deadline is not None and self._deadline.active():
